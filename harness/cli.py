@@ -28,7 +28,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-ls_app = typer.Typer(help="List what is registered: methods, datasets, metrics.", no_args_is_help=True)
+ls_app = typer.Typer(
+    help="List what is registered: methods, datasets, metrics.", no_args_is_help=True
+)
 app.add_typer(ls_app, name="ls")
 
 COMMAND_MODULES = ("data", "metrics", "model", "quant", "matrix")

@@ -1,0 +1,406 @@
+"""``qbench train-tiny``: train the embedded tiny OSEDiff-like model, on this machine, from scratch.
+
+Three stages, each seeded and checkpointed (an interrupted run resumes from the last checkpoint):
+
+1. **VAE** (``AutoencoderKL``, f=4): L1 reconstruction + a small KL term on random HR crops. The
+   latent scaling factor is then set to 1/std of the posterior samples (SD's 0.18215 plays this role).
+2. **UNet diffusion pretraining**: a real ε-prediction DDPM over all 1000 timesteps of SD-2.1's
+   scaled-linear schedule on HR latents with the constant context, so the timestep embedding carries
+   meaning (QArtSR's TRQ runs the UNet at other timesteps).
+3. **One-step SR fine-tuning** (OSEDiff): peft LoRA on the UNet (three adapters) and on the VAE
+   encoder, UNet ``conv_in`` fully trained, decoder frozen; LR→bicubic×4→encoder→UNet at T=999→x0→
+   decoder. LR is bicubic ÷4 (PIL) for a fraction of the crops and the ``realesrgan-train``
+   degradation for the rest. Loss: image MSE (+ latent MSE toward the encoded HR). Deviation from
+   OSEDiff: no LPIPS/VSD terms (their weights cannot be had here) — the tiny model targets fidelity.
+   The LoRA is saved in OSEDiff's ``osediff.pkl`` format and the merged model is shipped.
+
+Training images: :mod:`harness.tiny.photos` (never ``../shared/data``, never the demo photos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from harness.tiny import arch, photos
+
+PREPARED_LONG_SIDE = 1280
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    # stage 1: VAE
+    vae_steps: int = 2500
+    vae_batch: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # stage 2: UNet diffusion pretraining
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_crop: int = 64
+    unet_lr: float = 4e-4
+    # stage 3: one-step SR LoRA fine-tuning
+    sr_steps: int = 2000
+    sr_batch: int = 8
+    sr_crop: int = 96
+    sr_lr: float = 5e-4
+    lora_rank_unet: int = 16
+    lora_rank_vae: int = 8
+    sr_latent_weight: float = 1.0
+    degraded_fraction: float = 0.3
+    sr_pool: int = 2400
+    # data: each photo is resized so its long side is uniform in this range before cropping
+    long_side_min: int = 400
+    long_side_max: int = 1280
+    checkpoint_every: int = 250
+    require_debian_photos: bool = True
+
+    @classmethod
+    def quick(cls) -> TrainConfig:
+        """A few steps of each stage on small crops: exercises the whole path in tests."""
+        return cls(vae_steps=3, vae_batch=2, vae_crop=32, unet_steps=3, unet_batch=2, unet_crop=32,
+                   sr_steps=3, sr_batch=2, sr_crop=64, sr_pool=8, checkpoint_every=2,
+                   require_debian_photos=False, lora_rank_unet=2, lora_rank_vae=2)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+class PhotoPool:
+    """Training photos in memory (long side ≤ 1280) and a seeded random-crop sampler."""
+
+    def __init__(self, require_debian: bool):
+        self.sources = photos.training_sources(require_debian=require_debian)
+        if not self.sources:
+            raise FileNotFoundError("no training photos are available")
+        self.images: list[Image.Image] = []
+        for source in self.sources:
+            image = source.load()
+            scale = PREPARED_LONG_SIDE / max(image.size)
+            if scale < 1:
+                size = (round(image.width * scale), round(image.height * scale))
+                image = image.resize(size, Image.BICUBIC, reducing_gap=None)
+            self.images.append(image)
+
+    def manifest(self) -> list[dict]:
+        return [dataclasses.asdict(s) for s in self.sources]
+
+    def crop(self, rng: random.Random, size: int, cfg: TrainConfig) -> np.ndarray:
+        """A random ``size``×``size`` HR crop (float32 HWC in [0, 1]) at a random scale, random flip."""
+        image = self.images[rng.randrange(len(self.images))]
+        long_side = rng.uniform(cfg.long_side_min, cfg.long_side_max)
+        scale = min(1.0, long_side / max(image.size))
+        # region in the prepared image that maps to a size×size crop at this scale
+        region = min(round(size / scale), image.width, image.height)
+        x0 = rng.randrange(image.width - region + 1)
+        y0 = rng.randrange(image.height - region + 1)
+        crop = image.crop((x0, y0, x0 + region, y0 + region))
+        if region != size:
+            crop = crop.resize((size, size), Image.BICUBIC, reducing_gap=None)
+        array = np.asarray(crop, dtype=np.float32) / 255.0
+        if rng.random() < 0.5:
+            array = array[:, ::-1]
+        if rng.random() < 0.5:
+            array = array[::-1]
+        return np.ascontiguousarray(array)
+
+
+def bicubic_down(hr: np.ndarray, scale: int = 4) -> np.ndarray:
+    """HR float [0,1] → LR uint8 by PIL bicubic ÷scale (antialiased, like MATLAB's imresize)."""
+    image = Image.fromarray((hr * 255.0 + 0.5).astype(np.uint8))
+    return np.asarray(image.resize((image.width // scale, image.height // scale), Image.BICUBIC))
+
+
+def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
+    """List of HWC [0,1] arrays → N×3×H×W in [-1, 1]."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, see docstring
+
+
+class Logger:
+    def __init__(self, path: Path, echo: Callable[[str], None] | None):
+        self.path, self.echo = path, echo
+
+    def __call__(self, record: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.echo:
+            items = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+            )
+            self.echo(items)
+
+
+def _cosine_lr(base: float, step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _run_stage(
+    name, model_params, steps, lr, ckpt_path, state_modules, step_fn, cfg, log, rng_seed
+):
+    """Generic resumable loop: ``step_fn(rng) -> dict(loss=...)`` with Adam and a cosine LR."""
+    optimizer = torch.optim.Adam(model_params, lr=lr)
+    rng = random.Random(rng_seed)
+    torch.manual_seed(rng_seed)
+    start = 0
+    ckpt = _load_checkpoint(ckpt_path)
+    if ckpt is not None:
+        for key, module in state_modules.items():
+            module.load_state_dict(ckpt["modules"][key])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rng.setstate(ckpt["rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start = ckpt["step"]
+        log({"stage": name, "event": "resumed", "step": start})
+    t0 = time.time()
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(lr, step, steps)
+        optimizer.zero_grad(set_to_none=True)
+        metrics = step_fn(rng)
+        metrics["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model_params, 1.0)
+        optimizer.step()
+        done = step + 1
+        if done % 50 == 0 or done == steps:
+            log({"stage": name, "step": done, "of": steps, "loss": float(metrics["loss"].detach()),
+                 **{k: float(v.detach()) for k, v in metrics.items() if k != "loss"},
+                 "lr": optimizer.param_groups[0]["lr"], "sec": round(time.time() - t0, 1)})  # fmt: skip
+        if done % cfg.checkpoint_every == 0 or done == steps:
+            _save_checkpoint(ckpt_path, {
+                "modules": {k: m.state_dict() for k, m in state_modules.items()},
+                "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), "step": done})  # fmt: skip
+
+
+# --------------------------------------------------------------------------- stages
+def train_vae(vae, pool, cfg, work, log):
+    vae.train()
+
+    def step(rng):
+        x = to_batch([pool.crop(rng, cfg.vae_crop, cfg) for _ in range(cfg.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        l1 = (recon - x).abs().mean()
+        kl = posterior.kl().mean() / (x.shape[-1] * x.shape[-2])
+        with torch.no_grad():
+            psnr = 10 * torch.log10(4.0 / F.mse_loss(recon.clamp(-1, 1), x))
+        return {"loss": l1 + cfg.vae_kl_weight * kl, "l1": l1, "psnr": psnr}
+
+    _run_stage("vae", list(vae.parameters()), cfg.vae_steps, cfg.vae_lr, work / "stage1_vae.pt",
+               {"vae": vae}, step, cfg, log, cfg.seed + 1)  # fmt: skip
+    vae.eval()
+
+
+@torch.no_grad()
+def latent_scale(vae, pool, cfg) -> float:
+    rng = random.Random(cfg.seed + 99)
+    x = to_batch([pool.crop(rng, cfg.vae_crop, cfg) for _ in range(32)])
+    z = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))
+    return float(1.0 / z.std())
+
+
+def train_unet_diffusion(unet, vae, context, scheduler, pool, cfg, work, log):
+    unet.train()
+    abar = scheduler.alphas_cumprod.float()
+    sf = vae.config.scaling_factor
+
+    def step(rng):
+        with torch.no_grad():
+            x = to_batch([pool.crop(rng, cfg.unet_crop, cfg) for _ in range(cfg.unet_batch)])
+            z0 = vae.encode(x).latent_dist.sample() * sf
+        t = torch.randint(0, 1000, (z0.shape[0],))
+        noise = torch.randn_like(z0)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        eps = unet(zt, t, encoder_hidden_states=context.expand(z0.shape[0], -1, -1)).sample
+        return {"loss": F.mse_loss(eps, noise)}
+
+    _run_stage("unet-diffusion", list(unet.parameters()), cfg.unet_steps, cfg.unet_lr,
+               work / "stage2_unet.pt", {"unet": unet}, step, cfg, log, cfg.seed + 2)  # fmt: skip
+    unet.eval()
+
+
+def build_sr_pool(pool, cfg, work, log) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Fixed pool of (LR, HR) training pairs: bicubic for most, realesrgan-train for a fraction."""
+    path = work / "stage3_pairs.pt"
+    cached = _load_checkpoint(path)
+    if cached is not None:
+        return cached["lr"], cached["hr"], cached["records"]
+    from harness.degradation import degrade
+
+    rng = random.Random(cfg.seed + 3)
+    lrs, hrs, records = [], [], []
+    for i in range(cfg.sr_pool):
+        hr = pool.crop(rng, cfg.sr_crop, cfg)
+        if rng.random() < cfg.degraded_fraction:
+            lr, params = degrade(hr, "realesrgan-train", seed=cfg.seed * 100003 + i)
+            records.append({"index": i, "lr": "realesrgan-train", "seed": cfg.seed * 100003 + i})
+        else:
+            lr = bicubic_down(hr)
+            records.append({"index": i, "lr": "bicubic"})
+        lrs.append(torch.from_numpy(np.ascontiguousarray(lr)))
+        hrs.append(torch.from_numpy((hr * 255.0 + 0.5).astype(np.uint8)))
+    lr_t, hr_t = torch.stack(lrs), torch.stack(hrs)
+    _save_checkpoint(path, {"lr": lr_t, "hr": hr_t, "records": records})
+    log({"stage": "sr-pairs", "pairs": len(records),
+         "degraded": sum(r["lr"] != "bicubic" for r in records)})  # fmt: skip
+    return lr_t, hr_t, records
+
+
+def _bicubic_up_batch(lr_uint8: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """N×h×w×3 uint8 → N×3×H×W in [-1, 1] via PIL bicubic (as OSEDiff's inference)."""
+    ups = []
+    for array in lr_uint8.numpy():
+        image = Image.fromarray(array)
+        ups.append(
+            np.asarray(image.resize((image.width * scale, image.height * scale), Image.BICUBIC))
+        )
+    return torch.from_numpy(np.stack(ups)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_one_step(vae, unet, context, scheduler, pool, cfg, work, log, timestep=999):
+    from harness.lora import add_osediff_adapters
+
+    lr_pool, hr_pool, _ = build_sr_pool(pool, cfg, work, log)
+    targets = add_osediff_adapters(vae, unet, cfg.lora_rank_unet, cfg.lora_rank_vae)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    params = []
+    for n, p in unet.named_parameters():
+        if "lora" in n or "conv_in" in n:
+            p.requires_grad_(True)
+            params.append(p)
+    for n, p in vae.named_parameters():
+        if "lora" in n:
+            p.requires_grad_(True)
+            params.append(p)
+    abar = scheduler.alphas_cumprod.double()[timestep]
+    sf = vae.config.scaling_factor
+    unet.train()
+    vae.train()
+
+    def step(rng):
+        idx = [rng.randrange(len(lr_pool)) for _ in range(cfg.sr_batch)]
+        x = _bicubic_up_batch(lr_pool[idx])
+        hr = hr_pool[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
+        z_l = vae.encode(x).latent_dist.sample() * sf
+        t = torch.full((x.shape[0],), timestep, dtype=torch.long)
+        eps = unet(z_l, t, encoder_hidden_states=context.expand(x.shape[0], -1, -1)).sample
+        z_h = ((z_l.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()).float()
+        image = vae.decode(z_h / sf).sample
+        loss_img = F.mse_loss(image, hr)
+        with torch.no_grad():
+            z_hr = vae.encode(hr).latent_dist.mean * sf
+        loss_lat = F.mse_loss(z_h, z_hr)
+        with torch.no_grad():
+            psnr = 10 * torch.log10(4.0 / F.mse_loss(image.clamp(-1, 1), hr))
+        return {"loss": loss_img + cfg.sr_latent_weight * loss_lat, "img": loss_img,
+                "lat": loss_lat, "psnr": psnr}  # fmt: skip
+
+    modules = {"unet": unet, "vae": vae}
+    _run_stage("one-step-sr", params, cfg.sr_steps, cfg.sr_lr, work / "stage3_sr.pt", modules, step,
+               cfg, log, cfg.seed + 4)  # fmt: skip
+    unet.eval()
+    vae.eval()
+    return targets
+
+
+# ------------------------------------------------------------------------------ main
+def train_tiny(out_dir: str | Path, cfg: TrainConfig | None = None, echo=print) -> Path:
+    """Run (or resume) all three stages; write the merged model as a diffusers directory in ``out_dir``.
+
+    ``out_dir/work/`` keeps checkpoints and the training log; ``out_dir/model/`` the shipped model
+    (``vae/``, ``unet/``, ``scheduler/``, ``prompt_embeds.safetensors``, ``osediff.pkl``,
+    ``training.json``).
+    """
+    from safetensors.torch import save_file
+
+    from harness.lora import merge_lora_inplace, osediff_state
+
+    cfg = cfg or TrainConfig()
+    out_dir = Path(out_dir)
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "train_config.json"
+    config_json = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+    if config_path.exists() and config_path.read_text() != config_json:
+        raise ValueError(
+            f"{config_path} holds a different training config; use a new output directory or delete it"
+        )
+    config_path.write_text(config_json)
+    torch.manual_seed(cfg.seed)
+    log = Logger(work / "train_log.jsonl", echo)
+    t_start = time.time()
+    pool = PhotoPool(cfg.require_debian_photos)
+    log({"stage": "data", "photos": len(pool.sources)})
+
+    vae = arch.build_vae(cfg.seed)
+    unet = arch.build_unet(cfg.seed)
+    scheduler = arch.build_scheduler()
+    context = arch.build_context()
+
+    train_vae(vae, pool, cfg, work, log)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    scale = latent_scale(vae, pool, cfg)
+    vae.register_to_config(scaling_factor=scale)
+    log({"stage": "vae", "event": "scaling_factor", "value": scale})
+
+    train_unet_diffusion(unet, vae, context, scheduler, pool, cfg, work, log)
+    targets = train_one_step(vae, unet, context, scheduler, pool, cfg, work, log)
+
+    model_dir = out_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    pkl_state = osediff_state(vae, unet, targets, cfg.lora_rank_unet, cfg.lora_rank_vae)
+    torch.save(pkl_state, model_dir / "osediff.pkl")
+    merged = merge_lora_inplace(unet) + merge_lora_inplace(vae)
+    unet.save_pretrained(model_dir / "unet", safe_serialization=True)
+    vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+    scheduler.save_pretrained(model_dir / "scheduler")
+    save_file({"prompt_embeds": context.contiguous()}, model_dir / "prompt_embeds.safetensors")
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    record = {
+        "command": "qbench train-tiny",
+        "config": dataclasses.asdict(cfg),
+        "photos": pool.manifest(),
+        "merged_lora_layers": merged,
+        "scaling_factor": scale,
+        "weights_sha256": digest.hexdigest(),
+        "torch": torch.__version__,
+        "wall_seconds_this_invocation": round(time.time() - t_start, 1),
+    }
+    (model_dir / "training.json").write_text(json.dumps(record, indent=2))
+    log({"stage": "done", "model": str(model_dir)})
+    return model_dir
