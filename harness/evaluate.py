@@ -59,11 +59,10 @@ def load_pair_tensors(pair, scale: int) -> tuple[torch.Tensor, torch.Tensor | No
         hr = load_image(pair.hr_path)
         notes += [f"HR: {c}" for c in hr.conversions]
         array = hr.array
-        crop = getattr(pair, "hr_crop", None)
-        if crop:
-            width, height = crop[-2], crop[-1]
-            array = array[:height, :width]
-            notes.append(f"HR cropped to {width}x{height} (top-left, dataset hr_policy=crop)")
+        if pair.hr_crop:
+            left, top, right, bottom = pair.hr_crop
+            array = array[top:bottom, left:right]
+            notes.append(f"HR cropped to box {list(pair.hr_crop)} (dataset hr_policy=crop)")
         expected = (lr.array.shape[0] * scale, lr.array.shape[1] * scale)
         if array.shape[:2] != expected:
             raise DatasetError(
@@ -96,6 +95,8 @@ def evaluate_dataset(
     from harness.metrics import MetricSuite
 
     suite = suite or MetricSuite(metric_names)
+    if getattr(dataset, "problems", ()):
+        raise DatasetError(f"dataset {dataset.name!r} has problems: " + "; ".join(dataset.problems))
     pairs = list(dataset.pairs)[: limit if limit else None]
     if not pairs:
         raise DatasetError(f"dataset {dataset.name!r} has no image pairs to evaluate")

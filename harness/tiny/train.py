@@ -43,19 +43,19 @@ PREPARED_LONG_SIDE = 1280
 class TrainConfig:
     seed: int = 0
     # stage 1: VAE
-    vae_steps: int = 2500
-    vae_batch: int = 16
+    vae_steps: int = 2200
+    vae_batch: int = 8
     vae_crop: int = 64
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     # stage 2: UNet diffusion pretraining
     unet_steps: int = 2000
-    unet_batch: int = 32
+    unet_batch: int = 16
     unet_crop: int = 64
     unet_lr: float = 4e-4
     # stage 3: one-step SR LoRA fine-tuning
-    sr_steps: int = 2000
-    sr_batch: int = 8
+    sr_steps: int = 1500
+    sr_batch: int = 4
     sr_crop: int = 96
     sr_lr: float = 5e-4
     lora_rank_unet: int = 16
@@ -258,12 +258,18 @@ def build_sr_pool(pool, cfg, work, log) -> tuple[torch.Tensor, torch.Tensor, lis
 
     rng = random.Random(cfg.seed + 3)
     lrs, hrs, records = [], [], []
+    margin = 16  # degraded crops are made 32 px larger (the degradation needs >= 128 px) then cropped
     for i in range(cfg.sr_pool):
-        hr = pool.crop(rng, cfg.sr_crop, cfg)
         if rng.random() < cfg.degraded_fraction:
-            lr, params = degrade(hr, "realesrgan-train", seed=cfg.seed * 100003 + i)
-            records.append({"index": i, "lr": "realesrgan-train", "seed": cfg.seed * 100003 + i})
+            big = pool.crop(rng, cfg.sr_crop + 2 * margin, cfg)
+            seed = cfg.seed * 100003 + i
+            lr_big, _ = degrade(big, "realesrgan-train", seed=seed)
+            hr = big[margin : margin + cfg.sr_crop, margin : margin + cfg.sr_crop]
+            m = margin // 4
+            lr = lr_big[m : m + cfg.sr_crop // 4, m : m + cfg.sr_crop // 4]
+            records.append({"index": i, "lr": "realesrgan-train", "seed": seed})
         else:
+            hr = pool.crop(rng, cfg.sr_crop, cfg)
             lr = bicubic_down(hr)
             records.append({"index": i, "lr": "bicubic"})
         lrs.append(torch.from_numpy(np.ascontiguousarray(lr)))
