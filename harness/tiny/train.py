@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from harness.model import InferenceSettings
 from harness.tiny import arch, photos
 
 PREPARED_LONG_SIDE = 1280
@@ -43,18 +44,18 @@ PREPARED_LONG_SIDE = 1280
 class TrainConfig:
     seed: int = 0
     # stage 1: VAE
-    vae_steps: int = 2200
+    vae_steps: int = 1100
     vae_batch: int = 8
     vae_crop: int = 64
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     # stage 2: UNet diffusion pretraining
-    unet_steps: int = 2000
+    unet_steps: int = 1200
     unet_batch: int = 16
     unet_crop: int = 64
     unet_lr: float = 4e-4
     # stage 3: one-step SR LoRA fine-tuning
-    sr_steps: int = 1500
+    sr_steps: int = 1200
     sr_batch: int = 4
     sr_crop: int = 96
     sr_lr: float = 5e-4
@@ -62,7 +63,7 @@ class TrainConfig:
     lora_rank_vae: int = 8
     sr_latent_weight: float = 1.0
     degraded_fraction: float = 0.3
-    sr_pool: int = 2400
+    sr_pool: int = 1200
     # data: each photo is resized so its long side is uniform in this range before cropping
     long_side_min: int = 400
     long_side_max: int = 1280
@@ -73,7 +74,7 @@ class TrainConfig:
     def quick(cls) -> TrainConfig:
         """A few steps of each stage on small crops: exercises the whole path in tests."""
         return cls(vae_steps=3, vae_batch=2, vae_crop=32, unet_steps=3, unet_batch=2, unet_crop=32,
-                   sr_steps=3, sr_batch=2, sr_crop=64, sr_pool=8, checkpoint_every=2,
+                   sr_steps=3, sr_batch=1, sr_crop=96, sr_pool=6, checkpoint_every=2,
                    require_debian_photos=False, lora_rank_unet=2, lora_rank_vae=2)  # fmt: skip
 
 
@@ -258,7 +259,9 @@ def build_sr_pool(pool, cfg, work, log) -> tuple[torch.Tensor, torch.Tensor, lis
 
     rng = random.Random(cfg.seed + 3)
     lrs, hrs, records = [], [], []
-    margin = 16  # degraded crops are made 32 px larger (the degradation needs >= 128 px) then cropped
+    margin = (
+        16  # degraded crops are made 32 px larger (the degradation needs >= 128 px) then cropped
+    )
     for i in range(cfg.sr_pool):
         if rng.random() < cfg.degraded_fraction:
             big = pool.crop(rng, cfg.sr_crop + 2 * margin, cfg)
@@ -342,15 +345,43 @@ def train_one_step(vae, unet, context, scheduler, pool, cfg, work, log, timestep
 
 
 # ------------------------------------------------------------------------------ main
-def train_tiny(out_dir: str | Path, cfg: TrainConfig | None = None, echo=print) -> Path:
+def _save_diffusers_dir(directory: Path, vae, unet, scheduler, context) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(directory / "unet", safe_serialization=True)
+    vae.save_pretrained(directory / "vae", safe_serialization=True)
+    scheduler.save_pretrained(directory / "scheduler")
+    save_file({"prompt_embeds": context.contiguous()}, str(directory / "prompt_embeds.safetensors"))
+
+
+@torch.no_grad()
+def _check_osediff_loader(base_dir: Path, model_dir: Path) -> dict:
+    """Loader 2 on real trained weights: base model + osediff.pkl must reproduce the merged model."""
+    from harness.loaders import load_diffusers_dir, load_osediff
+
+    merged = load_diffusers_dir(model_dir)
+    via_pkl = load_osediff(base_dir, model_dir / "osediff.pkl")
+    lr = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, b = merged.super_resolve(lr), via_pkl.super_resolve(lr)
+    return {
+        "max_abs_diff": float((a - b).abs().max()),
+        "images_equal_within_1e-4": bool((a - b).abs().max() < 1e-4),
+    }
+
+
+def train_tiny(
+    out_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    echo=print,
+    allow_config_change: bool = False,
+) -> Path:
     """Run (or resume) all three stages; write the merged model as a diffusers directory in ``out_dir``.
 
     ``out_dir/work/`` keeps checkpoints and the training log; ``out_dir/model/`` the shipped model
     (``vae/``, ``unet/``, ``scheduler/``, ``prompt_embeds.safetensors``, ``osediff.pkl``,
     ``training.json``).
     """
-    from safetensors.torch import save_file
-
     from harness.lora import merge_lora_inplace, osediff_state
 
     cfg = cfg or TrainConfig()
@@ -359,13 +390,24 @@ def train_tiny(out_dir: str | Path, cfg: TrainConfig | None = None, echo=print) 
     work.mkdir(parents=True, exist_ok=True)
     config_path = work / "train_config.json"
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+    log = Logger(work / "train_log.jsonl", echo)
     if config_path.exists() and config_path.read_text() != config_json:
-        raise ValueError(
-            f"{config_path} holds a different training config; use a new output directory or delete it"
-        )
+        if not allow_config_change:
+            raise ValueError(
+                f"{config_path} holds a different training config; use a new output directory, or "
+                "pass allow_config_change (recorded in the log: the result is then no longer the "
+                "output of one fixed config)"
+            )
+        old = json.loads(config_path.read_text())
+        changed = {
+            k: [old.get(k), v] for k, v in dataclasses.asdict(cfg).items() if old.get(k) != v
+        }
+        log({"stage": "config", "event": "changed-on-resume", "changes": changed})
+        history_path = work / "train_config_history.jsonl"
+        with history_path.open("a") as fh:
+            fh.write(json.dumps({"previous": old, "changes": changed}) + "\n")
     config_path.write_text(config_json)
     torch.manual_seed(cfg.seed)
-    log = Logger(work / "train_log.jsonl", echo)
     t_start = time.time()
     pool = PhotoPool(cfg.require_debian_photos)
     log({"stage": "data", "photos": len(pool.sources)})
@@ -383,6 +425,11 @@ def train_tiny(out_dir: str | Path, cfg: TrainConfig | None = None, echo=print) 
     log({"stage": "vae", "event": "scaling_factor", "value": scale})
 
     train_unet_diffusion(unet, vae, context, scheduler, pool, cfg, work, log)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    # The pre-LoRA model plays the role of SD-2.1-base: OSEDiff's osediff.pkl applies to it.
+    base_dir = work / "base_model"
+    _save_diffusers_dir(base_dir, vae, unet, scheduler, context)
     targets = train_one_step(vae, unet, context, scheduler, pool, cfg, work, log)
 
     model_dir = out_dir / "model"
@@ -390,10 +437,12 @@ def train_tiny(out_dir: str | Path, cfg: TrainConfig | None = None, echo=print) 
     pkl_state = osediff_state(vae, unet, targets, cfg.lora_rank_unet, cfg.lora_rank_vae)
     torch.save(pkl_state, model_dir / "osediff.pkl")
     merged = merge_lora_inplace(unet) + merge_lora_inplace(vae)
-    unet.save_pretrained(model_dir / "unet", safe_serialization=True)
-    vae.save_pretrained(model_dir / "vae", safe_serialization=True)
-    scheduler.save_pretrained(model_dir / "scheduler")
-    save_file({"prompt_embeds": context.contiguous()}, model_dir / "prompt_embeds.safetensors")
+    _save_diffusers_dir(model_dir, vae, unet, scheduler, context)
+    inference = InferenceSettings(latent_tile=64, latent_overlap=32, vae_encoder_tile=1024,
+                                  vae_encoder_overlap=64, vae_decoder_tile=128, vae_decoder_overlap=32)  # fmt: skip
+    (model_dir / "inference.json").write_text(json.dumps(inference.to_dict(), indent=2))
+    loader_check = _check_osediff_loader(base_dir, model_dir)
+    log({"stage": "check", "event": "osediff.pkl loader vs merged model", **loader_check})
     digest = hashlib.sha256()
     for path in sorted(model_dir.rglob("*.safetensors")):
         digest.update(path.read_bytes())
@@ -402,10 +451,17 @@ def train_tiny(out_dir: str | Path, cfg: TrainConfig | None = None, echo=print) 
         "config": dataclasses.asdict(cfg),
         "photos": pool.manifest(),
         "merged_lora_layers": merged,
+        "osediff_pkl_loader_check": loader_check,
         "scaling_factor": scale,
         "weights_sha256": digest.hexdigest(),
         "torch": torch.__version__,
         "wall_seconds_this_invocation": round(time.time() - t_start, 1),
+        "config_changes_on_resume": [
+            json.loads(line)["changes"]
+            for line in (work / "train_config_history.jsonl").read_text().splitlines()
+        ]
+        if (work / "train_config_history.jsonl").exists()
+        else [],
     }
     (model_dir / "training.json").write_text(json.dumps(record, indent=2))
     log({"stage": "done", "model": str(model_dir)})
