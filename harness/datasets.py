@@ -39,10 +39,7 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the API-identical backport
-    import tomli as tomllib
+import tomllib
 
 from harness import paths
 from harness.errors import ConfigError, DatasetError, ImageError, UnknownNameError
