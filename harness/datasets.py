@@ -32,14 +32,13 @@ import hashlib
 import json
 import os
 import re
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-
-import tomllib
 
 from harness import paths
 from harness.errors import ConfigError, DatasetError, ImageError, UnknownNameError
