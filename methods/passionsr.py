@@ -40,15 +40,19 @@ Quirks of the released code (methods.md §6.7) and what ``faithful=True`` does (
   FP teacher latent (``settings.seed`` per crop, exactly what inference draws), so the encoder loss
   measures the quantization error only; faithful — fresh noise from one seeded global stream each step.
 - Q8 s_vw length: per-key-token s_vw only for the fixed-length (77-token) cross-attention; none for
-  self-attention (:mod:`harness.quant.let`).
+  self-attention, whose probabilities are instead quantized in units of 1/N_k so one range serves
+  every tile size (:mod:`harness.quant.let`).
 
-Hyper-parameters: ``profile="paper"`` = released configs (lr 1e-5, 2 epochs per phase, batch 1,
-MultiStepLR milestone 1, γ 0.2 for the UNet in UV and 0.1 in U, no scheduler for the VAE parts).
-``profile="tiny"`` = the CPU budget of the embedded tiny model (see :data:`PROFILES` and
-docs/passionsr.md): the demo calibrates on 16 crops, not 500, so it takes the same *number of
-optimizer steps per phase* budget into account with a larger lr. ``profile="auto"`` (default) picks
-``tiny`` when the base model is the embedded ``tiny`` model and ``paper`` otherwise; the resolved
-values are recorded. Explicit ``lr``/``epochs`` override the profile.
+Hyper-parameters: ``profile="paper"`` = released configs (lr 1e-5 for LET and LBQ, 2 epochs per
+phase, batch 1, MultiStepLR milestone 1, γ 0.2 for the UNet in UV and 0.1 in U, no scheduler for the
+VAE parts). ``profile="tiny"`` = the CPU budget of the embedded tiny model (docs/passionsr.md §5):
+16 crops instead of 500, so 32 instead of 1,000 optimizer steps per phase; LET lr 1e-3; the LBQ step
+is measured in range widths (``boundary_step="relative"``: each Adam update of a boundary is scaled
+by its quantizer's range width at the start of the phase, lr 0.0033 = 1/300 of the width per step,
+≈ 0.05 of a 4-bit quantization step), because one absolute lr cannot suit weight ranges (~0.1) and
+activation ranges (~10) at once within 32 steps. ``profile="auto"`` (default) picks ``tiny`` for the
+embedded ``tiny`` model and ``paper`` otherwise; the resolved values are recorded. Explicit ``lr``
+(both phases), ``let_lr``, ``lbq_lr``, ``epochs`` and ``boundary_step`` override the profile.
 
 Other [RECON] choices: the shuffling order is one seeded permutation (``seed`` 42, as
 ``seed_everything(42)``) reused by every phase; LBQ boundaries are kept ordered
@@ -94,7 +98,7 @@ PROFILES: dict[str, dict] = {
     # released configs (methods.md §6.6)
     "paper": {"let_lr": 1e-5, "lbq_lr": 1e-5, "epochs": 2, "boundary_step": "absolute"},
     # embedded tiny model on a 2-core CPU (docs/passionsr.md, "tiny budget")
-    "tiny": {"let_lr": 1e-3, "lbq_lr": 1e-3, "epochs": 2, "boundary_step": "absolute"},
+    "tiny": {"let_lr": 1e-3, "lbq_lr": 0.0033, "epochs": 2, "boundary_step": "relative"},
 }
 PROFILE_CHOICES = ("auto", "paper", "tiny")
 DECODER_TARGETS = ("fp", "hr")

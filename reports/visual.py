@@ -150,7 +150,7 @@ def grid_png(
                 canvas.paste(
                     tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST), (x, y)
                 )
-    draw.text((4, 4), scale_label, fill="gray", font=font)
+    draw.text((4, 4), _fit(draw, scale_label, font, side - 8), fill="gray", font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -173,7 +173,7 @@ def write_grids(
             columns: list[tuple[str, str | None]] = [("HR", "hr"), ("LR (bicubic)", "lr_up")]
             columns += [(f"{label} {FP_DISPLAY_BITS}", f"{label}|{FP_BITS}") for label in reference]
             columns += [(f"{label} {bits}", f"{label}|{bits}") for label in labels if bits != "FP"]
-            png = grid_png(ds_items, columns, "nearest-neighbour zoom")
+            png = grid_png(ds_items, columns, "nearest zoom")
             path = out_dir / f"visual_{_slug(dataset)}_{_slug(bits)}.png"
             atomic_write(path, png)
             written.append(path)

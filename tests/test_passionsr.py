@@ -74,7 +74,7 @@ def test_convert_to_lbq_and_order_guard():
     act = layer.act_quantizers[0]
     act.set_range(torch.tensor(1.0), torch.tensor(0.5))  # crossed boundaries
     assert enforce_lbq_order(layer) == 1
-    assert float(act.x_max - act.x_min) > 0
+    assert float((act.x_max - act.x_min).detach()) > 0
 
 
 # ----------------------------------------------------------------------------- LET identity
@@ -166,6 +166,23 @@ def test_cross_attention_with_other_key_length_refuses_learned_vw():
         quantizers.let_vw.mul_(2.0)
         with pytest.raises(ModelError, match="key tokens"):
             attn(hidden, encoder_hidden_states=context)
+
+
+def test_self_attention_probs_quantizer_is_key_count_invariant():
+    """Self-attention probabilities are quantized as N_k·p: one range serves every tile size."""
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    quantizers = LETAttentionQuantizers.for_attention(attn, QuantSpec(bits=8))
+    convert_to_lbq(quantizers)
+    quantizers.probs.set_range(torch.tensor(0.0), torch.tensor(2.0))
+    for keys in (64, 1024):
+        probs = torch.full((1, 2, 3, keys), 1.0 / keys)
+        quantized = quantizers.quantize("probs", probs)
+        torch.testing.assert_close(quantized * keys, torch.ones_like(probs), rtol=0.01, atol=0)
+    # a plain range calibrated on 64 keys (min/max of probabilities around 1/64) clips the
+    # probabilities of a 1,024-key tile up to its lower boundary: 8x too large
+    plain = FakeQuantizer(QuantSpec(bits=8))
+    plain.set_range(torch.tensor(0.5 / 64), torch.tensor(1.5 / 64))
+    assert float(plain(torch.full((4,), 1.0 / 1024)).min()) * 1024 > 7
 
 
 def test_let_init_is_alpha_power_ratio_then_ema():
