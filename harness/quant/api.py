@@ -566,6 +566,14 @@ class QuantMethod:
     description: ClassVar[str] = ""
 
     # -- specs
+    def configure(self, config: MethodConfig) -> None:
+        """Called with the method's config before its layers are built (when quantizing and when
+        loading a saved model), for layer factories that depend on config fields (e.g. ranks)."""
+
+    def after_load(self, qmodel: QuantizedModel) -> None:
+        """Called after a saved model's parameters are loaded (e.g. to restore an inference setting
+        such as QArtSR's retraining timestep)."""
+
     def weight_spec(self, target: Target, config: MethodConfig) -> QuantSpec:
         return QuantSpec(bits=target.w_bits, granularity="channel", axis=0)
 
@@ -734,6 +742,7 @@ def quantize(
             f"method {config.method!r} expects a {entry.config_cls.__name__}, got {type(config).__name__}"
         )
     method = entry.create()
+    method.configure(config)
     _check_plain_model(model)
     base_keys = tuple(model.state_dict().keys())
     identity = model_identity(model)

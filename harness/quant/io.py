@@ -162,6 +162,7 @@ def load_quantized(path: str | Path, base_model: nn.Module | None = None):
 
     base_keys = tuple(base_model.state_dict().keys())
     method = get_method(config.method).create()
+    method.configure(config)
     try:
         apply_targets(base_model, targets, method)
     except (QBenchError, TypeError) as exc:
@@ -188,6 +189,7 @@ def load_quantized(path: str | Path, base_model: nn.Module | None = None):
     )
     qmodel.calibration_record = record.get("calibration", {})
     qmodel.set_quant_state(True, True)
+    method.after_load(qmodel)
     return qmodel
 
 
