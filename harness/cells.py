@@ -521,7 +521,11 @@ def _device(cell: CellSpec, ctx: CellContext) -> str:
 
 
 def _calibration_set(cell: CellSpec, model, ctx: CellContext, cache_root: Path):
-    from harness.quant.calibration import CalibrationSettings, build_calibration_set
+    from harness.quant.calibration import (
+        CalibrationSettings,
+        build_calibration_set,
+        calibration_sources,
+    )
 
     calib = cell.calibration or {}
     settings = CalibrationSettings(
@@ -536,26 +540,12 @@ def _calibration_set(cell: CellSpec, model, ctx: CellContext, cache_root: Path):
     def progress(stage: str, done: int, total: int) -> None:
         ctx.report(cell.cell_id, stage, done, total)
 
-    if source == "tiny-train":
-        from harness.tiny.photos import training_sources
-
-        images = [s.path() for s in training_sources()]
-        return build_calibration_set(
-            model, hr_images=images, settings=settings, cache_root=cache_root, progress=progress
-        )
-    if source.startswith("hr:"):
-        from harness.datasets import IMAGE_EXTENSIONS
-
-        folder = Path(source[3:]).expanduser()
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        return build_calibration_set(
-            model, hr_images=images, settings=settings, cache_root=cache_root, progress=progress
-        )
-    from harness.datasets import get_dataset
-
-    pairs = get_dataset(source).resolve().pairs
     return build_calibration_set(
-        model, pairs=pairs, settings=settings, cache_root=cache_root, progress=progress
+        model,
+        **calibration_sources(source),
+        settings=settings,
+        cache_root=cache_root,
+        progress=progress,
     )
 
 

@@ -39,26 +39,6 @@ def parse_set_options(items: list[str]) -> dict:
     return fields
 
 
-def calibration_sources(source: str) -> dict:
-    """``tiny-train`` (the tiny model's training photos), ``hr:DIR`` (HR images; LR by bicubic) or a
-    dataset name (its HR/LR pairs) → keyword arguments for ``build_calibration_set``."""
-    if source == "tiny-train":
-        from harness.tiny.photos import training_sources
-
-        return {"hr_images": [s.path() for s in training_sources()]}
-    if source.startswith("hr:"):
-        from harness.datasets import IMAGE_EXTENSIONS
-
-        folder = Path(source[3:]).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"calibration folder {folder} does not exist")
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        return {"hr_images": images}
-    from harness.datasets import get_dataset
-
-    return {"pairs": get_dataset(source).resolve().pairs}
-
-
 def run_quantize(
     *,
     model: str,
@@ -82,7 +62,11 @@ def run_quantize(
     (``status: "diverged"`` with the cause) in ``out/quantize_record.json``; nothing else is written.
     """
     from harness.quant.api import SIMULATED_LABEL, quantize
-    from harness.quant.calibration import CalibrationSettings, build_calibration_set
+    from harness.quant.calibration import (
+        CalibrationSettings,
+        build_calibration_set,
+        calibration_sources,
+    )
     from harness.quant.io import save_quantized
     from harness.quant.packing import bops_report, export_packed, save_packed, size_report
     from harness.registry import get_method

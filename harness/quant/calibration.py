@@ -506,3 +506,23 @@ def calibration_passes(
     finally:
         model.train(was_training)
     return total
+
+
+def calibration_sources(source: str) -> dict:
+    """``tiny-train`` (the tiny model's training photos), ``hr:DIR`` (HR images; LR by bicubic) or a
+    dataset name (its HR/LR pairs) → keyword arguments for ``build_calibration_set``."""
+    if source == "tiny-train":
+        from harness.tiny.photos import training_sources
+
+        return {"hr_images": [s.path() for s in training_sources()]}
+    if source.startswith("hr:"):
+        from harness.datasets import IMAGE_EXTENSIONS
+
+        folder = Path(source[3:]).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"calibration folder {folder} does not exist")
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return {"hr_images": images}
+    from harness.datasets import get_dataset
+
+    return {"pairs": get_dataset(source).resolve().pairs}
