@@ -9,12 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from harness.commands.quant import parse_set_options, run_quantize
 from harness.errors import ConfigError, DivergedError
-from harness.model import InferenceSettings, OneStepSR
 from harness.quant import (
     CalibrationSettings,
     build_calibration_set,
@@ -25,27 +23,9 @@ from harness.quant import (
 from harness.registry import get_method, register_method
 from methods.minmax import MinMax, MinMaxConfig
 from methods.ptq4dm import PTQ4DMConfig, literal_timesteps
+from tests.conftest import build_toy_model
 
 torch.set_num_threads(1)
-
-
-def build_toy_model(seed: int = 0) -> OneStepSR:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-        layers_per_block=1,
-    )  # fmt: skip
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(seed))
-    settings = InferenceSettings(latent_tile=0, vae_encoder_tile=0, vae_decoder_tile=0)
-    return OneStepSR(vae, unet, scheduler.alphas_cumprod, context, settings)
 
 
 @pytest.fixture(scope="module")
