@@ -46,31 +46,18 @@ class EvalResult:
 def load_pair_tensors(pair, scale: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """LR and HR tensors (1×3×H×W in [0, 1]) of a dataset pair, with the recorded conversions.
 
-    The HR crop policy of the dataset definition is applied here (``pair.hr_crop``); afterwards HR must
-    be exactly ``scale``× LR, otherwise :class:`DatasetError` names both files and sizes.
+    Decoding, the dataset's HR crop policy and the exact ``scale``× check are
+    :func:`harness.datasets.load_pair`'s; a mismatch raises :class:`DatasetError` naming both files.
     """
-    from harness.images import load_image, to_tensor
+    from harness.datasets import load_pair
+    from harness.images import to_tensor
 
-    notes: list[str] = []
-    lr = load_image(pair.lr_path)
-    notes += [f"LR: {c}" for c in lr.conversions]
-    hr_t = None
-    if pair.hr_path is not None:
-        hr = load_image(pair.hr_path)
-        notes += [f"HR: {c}" for c in hr.conversions]
-        array = hr.array
-        if pair.hr_crop:
-            left, top, right, bottom = pair.hr_crop
-            array = array[top:bottom, left:right]
-            notes.append(f"HR cropped to box {list(pair.hr_crop)} (dataset hr_policy=crop)")
-        expected = (lr.array.shape[0] * scale, lr.array.shape[1] * scale)
-        if array.shape[:2] != expected:
-            raise DatasetError(
-                f"{pair.hr_path}: HR is {array.shape[1]}x{array.shape[0]} but {scale}x the LR "
-                f"{pair.lr_path} ({lr.array.shape[1]}x{lr.array.shape[0]}) is {expected[1]}x{expected[0]}"
-            )
-        hr_t = to_tensor(array)
-    return to_tensor(lr.array), hr_t, notes
+    lr, hr = load_pair(pair, scale)
+    notes = [f"LR: {c}" for c in lr.conversions]
+    if hr is None:
+        return to_tensor(lr.array), None, notes
+    notes += [f"HR: {c}" for c in hr.conversions]
+    return to_tensor(lr.array), to_tensor(hr.array), notes
 
 
 def evaluate_dataset(
@@ -114,7 +101,7 @@ def evaluate_dataset(
             raise DivergedError(f"{pair.name}: {exc}") from None
         seconds = time.perf_counter() - start
         fp = fp_outputs.get(pair.name) if fp_outputs is not None else None
-        scores = suite.score(sr, hr, fp)
+        scores = suite.score(sr, hr, fp, image=pair.name)
         if out_path is not None:
             save_png(out_path / f"{pair.name}.png", sr)
         if keep_outputs:
@@ -144,7 +131,7 @@ def evaluate_dataset(
         rows=rows,
         means=means,
         unavailable=dict(suite.unavailable),
-        metric_specs=suite.spec_records() if hasattr(suite, "spec_records") else {},
+        metric_specs=suite.spec_records(),
         settings=settings,
         outputs=outputs,
     )

@@ -116,12 +116,9 @@ def train_tiny_command(
     """
     import dataclasses
 
-    import torch
-
     from harness.loaders import TINY_DIR
     from harness.tiny.train import TrainConfig, train_tiny
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = TrainConfig.quick() if quick else TrainConfig()
     cfg = dataclasses.replace(cfg, seed=seed)
     model_dir = train_tiny(out, cfg, echo=lambda line: console.print(line, highlight=False))
@@ -130,7 +127,9 @@ def train_tiny_command(
         if TINY_DIR.exists():
             shutil.rmtree(TINY_DIR)
         shutil.copytree(model_dir, TINY_DIR, ignore=shutil.ignore_patterns("osediff.pkl"))
-        shutil.copy2(Path(out) / "work" / "train_log.jsonl", TINY_DIR / "train_log.jsonl")
+        for record in ("train_log.jsonl", "train_config_history.jsonl"):
+            if (Path(out) / "work" / record).is_file():
+                shutil.copy2(Path(out) / "work" / record, TINY_DIR / record)
         console.print(f"installed into {TINY_DIR}")
 
 
