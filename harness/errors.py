@@ -35,6 +35,11 @@ class DivergedError(QBenchError):
     """A computation produced NaN or Inf."""
 
 
+class MetricUndefined(QBenchError):
+    """A metric has no finite value for one image (e.g. NIQE of a flat image, whose block
+    covariance is singular). The image itself is fine; the score is recorded as undefined."""
+
+
 class UnknownNameError(QBenchError, KeyError):
     """An unknown registry name (method, dataset, metric), with close matches suggested."""
 

@@ -101,7 +101,8 @@ def evaluate_dataset(
             raise DivergedError(f"{pair.name}: {exc}") from None
         seconds = time.perf_counter() - start
         fp = fp_outputs.get(pair.name) if fp_outputs is not None else None
-        scores = suite.score(sr, hr, fp, image=pair.name)
+        undefined: dict[str, str] = {}
+        scores = suite.score(sr, hr, fp, image=pair.name, undefined=undefined)
         if out_path is not None:
             save_png(out_path / f"{pair.name}.png", sr)
         if keep_outputs:
@@ -115,23 +116,40 @@ def evaluate_dataset(
             "conversions": notes,
             "seconds": round(seconds, 4),
             **scores,
+            **({"undefined": undefined} if undefined else {}),
         })  # fmt: skip
-    means = {}
-    for name in suite.available:
-        values = [
-            r[name]
-            for r in rows
-            if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])
-        ]
-        if values:
-            means[name] = sum(values) / len(values)
+    means, unavailable = _means(rows, suite.per_image), dict(suite.unavailable)
+    unavailable.update(_undefined_reasons(rows))
     settings = model.settings.to_dict() if hasattr(model, "settings") else {}
     return EvalResult(
         dataset=dataset.name,
         rows=rows,
         means=means,
-        unavailable=dict(suite.unavailable),
+        unavailable=unavailable,
         metric_specs=suite.spec_records(),
         settings=settings,
         outputs=outputs,
     )
+
+
+def _means(rows: list[dict], metric_names: list[str]) -> dict[str, float]:
+    """Per-metric mean over the images; a metric undefined on any image has no mean (never a mean
+    over the images where it happened to be defined, which would compare different image sets)."""
+    means = {}
+    for name in metric_names:
+        values = [r.get(name) for r in rows]
+        if values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            means[name] = sum(values) / len(values)
+    return means
+
+
+def _undefined_reasons(rows: list[dict]) -> dict[str, str]:
+    """``metric -> "undefined on k of N images: first reason"`` for metrics undefined somewhere."""
+    counts: dict[str, list[str]] = {}
+    for row in rows:
+        for name, reason in (row.get("undefined") or {}).items():
+            counts.setdefault(name, []).append(reason)
+    return {
+        name: f"undefined on {len(reasons)} of {len(rows)} images (first: {reasons[0]})"
+        for name, reasons in counts.items()
+    }

@@ -21,7 +21,10 @@ Deliberate deviations from those scorers, each documented in ``docs/metrics.md``
   [0, 1] by more than :data:`RANGE_TOLERANCE` are refused instead of clamped silently.
 * **No silent resize.** OSEDiff/PassionSR resize SR and HR to the smaller size when shapes differ;
   qbench raises :class:`~harness.errors.ImageError` naming both shapes.
-* **NaN/Inf scores are errors** (:class:`~harness.errors.DivergedError`), never averaged.
+* **NaN/Inf scores are never averaged.** NaN/Inf *inputs* raise :class:`~harness.errors.DivergedError`;
+  a metric that fails or gives a non-finite score on a valid image (NIQE of a flat output: singular
+  block covariance) raises :class:`~harness.errors.MetricUndefined`. Evaluation records that image's
+  score as undefined and gives the metric no mean for the dataset (shown as "–" with the reason).
 * **Seeded learned metrics.** Every pyiqa call of a metric with ``seeded=True`` runs inside
   :func:`seeded`, which seeds Python, NumPy and torch with :data:`METRIC_SEED` and restores the
   caller's random state afterwards. In pyiqa 0.1.16 none of the listed metrics samples randomly in
@@ -63,6 +66,7 @@ from harness.errors import (
     DivergedError,
     ImageError,
     MetricUnavailable,
+    MetricUndefined,
     QBenchError,
     UnknownNameError,
 )
@@ -746,7 +750,7 @@ class LoadedMetric:
         except QBenchError:
             raise
         except Exception as exc:
-            raise QBenchError(
+            raise MetricUndefined(
                 f"{spec.name} failed on {image}: {type(exc).__name__}: {exc}"
             ) from exc
         return _finite_float(output, spec.name, image)
@@ -784,7 +788,7 @@ def _finite_float(output: Any, metric: str, image: str) -> float:
     else:
         value = float(output)
     if not math.isfinite(value):
-        raise DivergedError(f"{metric} gave a non-finite score ({value}) for {image}")
+        raise MetricUndefined(f"{metric} gave a non-finite score ({value}) for {image}")
     return value
 
 
@@ -867,14 +871,31 @@ class MetricSuite:
         return self.records()
 
     def score(
-        self, sr: Any, hr: Any = None, fp: Any = None, *, image: str = "image"
+        self,
+        sr: Any,
+        hr: Any = None,
+        fp: Any = None,
+        *,
+        image: str = "image",
+        undefined: dict[str, str] | None = None,
     ) -> dict[str, float]:
-        """Score one SR image with every available per-image metric."""
+        """Score one SR image with every available per-image metric.
+
+        A metric with no finite value for this image (:class:`MetricUndefined`, e.g. NIQE of a flat
+        output of a collapsed 2-bit model) raises, unless ``undefined`` is a dict: then the reason is
+        stored there under the metric's name and the metric is left out of the returned scores, so
+        one undefined score does not discard the image's other metrics.
+        """
         scores: dict[str, float] = {}
         for name in self.per_image:
             metric = self.metrics[name]
             ref = {"fr": hr, "fp": fp, "nr": None}[metric.spec.kind]
-            scores[name] = metric.score(sr, ref, image=image)
+            try:
+                scores[name] = metric.score(sr, ref, image=image)
+            except MetricUndefined as exc:
+                if undefined is None:
+                    raise
+                undefined[name] = str(exc)
         return scores
 
     def score_folders(self, sr_dir: str | Path, hr_dir: str | Path) -> dict[str, float]:
