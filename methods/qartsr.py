@@ -977,6 +977,10 @@ class QArtSR(QuantMethod):
         """Restore the inference timestep T* after loading a saved model (see the report)."""
         apply_retrain_timestep(qmodel)
 
+    def size_report(self, model: nn.Module, packed: dict | None = None) -> dict:
+        """Counts the 16-bit low-rank branch and smoothing honestly (:func:`lowrank_size_report`)."""
+        return lowrank_size_report(model)
+
     # -- calibration
     def calibrate(self, qmodel, calibration, config: QArtSRConfig, progress=None) -> dict:
         started = time.perf_counter()

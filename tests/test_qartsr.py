@@ -232,6 +232,10 @@ def test_size_report_counts_the_branch_at_16_bits(calibration):
         branch += 2 * layer.rank * (out_dim + per_in)
         smooth += 2 * in_dim
     report = lowrank_size_report(model)
+    # the method's size hook (what `qbench quantize` writes) is this report, not the core one
+    from harness.registry import get_method
+
+    assert get_method("qartsr").create().size_report(model) == report
     assert report["model_fp32_bytes"] == fp32  # the float baseline has no QArtSR tensors
     assert report["lowrank_branch_bytes"] == branch > 0
     assert report["smoothing_bytes"] == smooth

@@ -68,7 +68,7 @@ def run_quantize(
         calibration_sources,
     )
     from harness.quant.io import save_quantized
-    from harness.quant.packing import bops_report, export_packed, save_packed, size_report
+    from harness.quant.packing import bops_report, export_packed, save_packed
     from harness.registry import get_method
 
     entry = get_method(method)
@@ -118,7 +118,7 @@ def run_quantize(
     if qmodel.targets:
         packed = export_packed(qmodel.model)
         save_packed(packed, out / "packed_weights.safetensors")
-        report["size"] = size_report(qmodel.model, packed)
+        report["size"] = entry.create().size_report(qmodel.model, packed)
     if bops_size:
         bops = bops_report(qmodel, size=bops_size)
         bops.pop("layers")

@@ -604,6 +604,15 @@ class QuantMethod:
     def make_attention_quantizers(self, attn: nn.Module, target: Target) -> AttentionQuantizers:
         return AttentionQuantizers(target.attention)
 
+    # -- reports
+    def size_report(self, model: nn.Module, packed: dict | None = None) -> dict:
+        """Packed size vs FP32 (:func:`harness.quant.packing.size_report`). Methods that add
+        tensors stored at another precision (QArtSR's 16-bit low-rank branch) override this so the
+        size counts what a deployment would store."""
+        from harness.quant.packing import size_report
+
+        return size_report(model, packed)
+
     # -- calibration
     def calibrate(
         self, qmodel: QuantizedModel, calibration, config: MethodConfig, progress=None
