@@ -8,9 +8,11 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
+	bash scripts/test_tools.sh
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 test-all: setup
+	bash scripts/test_tools.sh
 	.venv/bin/python -m pytest -q -p no:cacheprovider -m "slow or not slow"
 
 lint: setup
