@@ -103,6 +103,13 @@ def train_tiny_command(
     install: bool = typer.Option(
         False, "--install", help="Copy the trained model into harness/assets/tiny."
     ),
+    threads: int = typer.Option(
+        1,
+        "--threads",
+        min=1,
+        help="torch threads. 1 (default) is the fastest on a busy 2-core machine: with 2 threads "
+        "and another process running, OpenMP barriers make each step several times slower.",
+    ),
 ) -> None:
     """Train the embedded tiny OSEDiff-like model from scratch (resumable: rerun to continue).
 
@@ -116,9 +123,12 @@ def train_tiny_command(
     """
     import dataclasses
 
+    import torch
+
     from harness.loaders import TINY_DIR
     from harness.tiny.train import TrainConfig, train_tiny
 
+    torch.set_num_threads(threads)
     cfg = TrainConfig.quick() if quick else TrainConfig()
     cfg = dataclasses.replace(cfg, seed=seed)
     model_dir = train_tiny(out, cfg, echo=lambda line: console.print(line, highlight=False))
