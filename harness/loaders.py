@@ -76,7 +76,11 @@ def _load_prompt_embeds(path: Path) -> torch.Tensor:
 def _check_parts(directory: Path, parts: tuple[str, ...]) -> None:
     if not directory.is_dir():
         raise ModelError(f"model directory {directory} does not exist")
-    required = {"vae": "vae/config.json", "unet": "unet/config.json", "scheduler": "scheduler/scheduler_config.json"}
+    required = {
+        "vae": "vae/config.json",
+        "unet": "unet/config.json",
+        "scheduler": "scheduler/scheduler_config.json",
+    }
     missing = [required[p] for p in parts if not (directory / required[p]).is_file()]
     if missing:
         raise ModelError(

@@ -65,9 +65,7 @@ class ScoreResult:
     folder_scores: dict[str, float]
     metric_records: dict[str, dict[str, Any]]
     unavailable: dict[str, str]
-    created_at: str = field(
-        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds")
-    )
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able content of ``summary.json``."""

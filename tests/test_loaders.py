@@ -22,7 +22,9 @@ def _save_base(tmp_path, seed=0):
     model.vae.save_pretrained(root / "vae")
     model.unet.save_pretrained(root / "unet")
     arch.build_scheduler().save_pretrained(root / "scheduler")
-    save_file({"prompt_embeds": model.prompt_embeds.contiguous()}, root / "prompt_embeds.safetensors")
+    save_file(
+        {"prompt_embeds": model.prompt_embeds.contiguous()}, root / "prompt_embeds.safetensors"
+    )
     return model, root
 
 
@@ -162,5 +164,9 @@ def test_sd21_sized_unet_constructs_and_runs():
     params = sum(p.numel() for p in unet.parameters())
     assert 860e6 < params < 870e6, params
     with torch.no_grad():
-        out = unet(torch.randn(1, 4, 16, 16), torch.tensor([999]), encoder_hidden_states=torch.randn(1, 77, 1024)).sample
+        out = unet(
+            torch.randn(1, 4, 16, 16),
+            torch.tensor([999]),
+            encoder_hidden_states=torch.randn(1, 77, 1024),
+        ).sample
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()

@@ -99,8 +99,12 @@ def test_tiled_and_untiled_inference_agree_on_the_tiny_model(shared_data):
     if not (TINY_DIR / "unet" / "config.json").is_file():
         pytest.skip("the embedded tiny model is not installed")
     model = load_model("tiny")
-    lr = to_tensor(load_image(shared_data / "Urban100" / "LR" / "img_001.png").array)[:, :, :128, :192]
-    hr = to_tensor(load_image(shared_data / "Urban100" / "HR" / "img_001.png").array)[:, :, :512, :768]
+    lr = to_tensor(load_image(shared_data / "Urban100" / "LR" / "img_001.png").array)[
+        :, :, :128, :192
+    ]
+    hr = to_tensor(load_image(shared_data / "Urban100" / "HR" / "img_001.png").array)[
+        :, :, :512, :768
+    ]
     base = model.settings
     model.settings = dataclasses.replace(
         base, latent_tile=0, vae_encoder_tile=0, vae_decoder_tile=0

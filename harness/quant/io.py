@@ -22,6 +22,7 @@ prompt embedding and ᾱ table count) in name order: name, dtype, shape and raw 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,27 +58,38 @@ def model_identity(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def save_quantized(qmodel, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write ``quantized.json`` and ``quant_params.safetensors`` into ``out_dir`` (created)."""
+    """Write ``quant_params.safetensors`` then ``quantized.json`` into ``out_dir`` (created).
+
+    Both files are written atomically (temporary file in the same directory, fsync, rename; the
+    temporary file is removed if the write fails, e.g. on a full disk), and the record last (an
+    older record is removed first): a directory whose ``quantized.json`` exists holds the complete
+    parameters file that belongs to it.
+    """
+    from harness.fsutil import atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().cpu().contiguous().clone() for k, v in qmodel.quant_state_dict().items()
     }
+    # The record is the commit record: drop an older one first, so that a failure below never
+    # leaves an old record next to new (or half-replaced) parameters.
+    (out / CONFIG_FILE).unlink(missing_ok=True)
     params_path = out / PARAMS_FILE
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=PARAMS_FILE, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PARAMS_FILE}.", suffix=".tmp")
     os.close(fd)
-    save_file(
-        tensors, tmp, metadata={"format": FORMAT, "base_model_identity": qmodel.base_identity}
-    )
-    os.replace(tmp, params_path)
+    try:
+        save_file(
+            tensors, tmp, metadata={"format": FORMAT, "base_model_identity": qmodel.base_identity}
+        )
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, params_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -86,7 +98,7 @@ def save_quantized(qmodel, out_dir: str | Path, extra: dict | None = None) -> Pa
         "param_keys": sorted(tensors),
         "extra": extra or {},
     }
-    _atomic_write_text(out / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(out / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=False) + "\n")
     return out
 
 

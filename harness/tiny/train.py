@@ -145,7 +145,9 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
 def _load_checkpoint(path: Path) -> dict | None:
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, see docstring
+    # weights_only: a checkpoint planted in the output directory must not run code on resume; the
+    # payload is tensors, state dicts, ints, strings and random.getstate() tuples.
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Logger:
