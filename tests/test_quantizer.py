@@ -225,3 +225,16 @@ def test_capped_2d_search_keeps_the_tails_and_stays_close_to_the_full_search():
     assert data.shape[1] == weights.shape[0] <= 2048
     assert float(weights.sum()) == pytest.approx(1.0, rel=1e-5)
     assert float(data.max()) == 30.0 and float(data.min()) == -20.0
+
+
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+def test_inference_rounding_equals_the_straight_through_form_exactly(rounding):
+    """The no-grad fast path of round_ste returns the same values as x + (round(x) − x)."""
+    from harness.quant.quantizer import round_ste
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(10000, generator=g) * 300, torch.arange(-8, 8) + 0.5])
+    with torch.no_grad():
+        fast = round_ste(x, rounding)
+    slow = round_ste(x.clone().requires_grad_(True), rounding).detach()
+    assert torch.equal(fast, slow)

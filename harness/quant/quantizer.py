@@ -120,6 +120,10 @@ def round_ste(x: torch.Tensor, rounding: str = "half_away") -> torch.Tensor:
         rounded = torch.sign(x) * torch.floor(x.abs() + 0.5)
     else:
         rounded = torch.round(x)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        # Inference: the straight-through form x + (r − x) equals r exactly here (r is an integer
+        # within 0.5 of x, so r − x and the sum are exact in floating point): skip its two ops.
+        return rounded
     return x + (rounded - x).detach()
 
 
