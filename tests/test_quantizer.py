@@ -238,3 +238,21 @@ def test_inference_rounding_equals_the_straight_through_form_exactly(rounding):
         fast = round_ste(x, rounding)
     slow = round_ste(x.clone().requires_grad_(True), rounding).detach()
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_inference_fake_quantize_equals_the_training_form_exactly(symmetric):
+    """fake_quantize's no-grad form (one clamp with shifted bounds) gives the training form's values."""
+    from harness.quant.quantizer import QuantSpec, compute_qparams, fake_quantize
+
+    g = torch.Generator().manual_seed(1)
+    spec = QuantSpec(bits=4, granularity="channel", axis=0, symmetric=symmetric)
+    x = torch.randn(8, 500, generator=g) * torch.linspace(0.1, 5, 8)[:, None]
+    x_min, x_max = x.amin(1) * 0.7, x.amax(1) * 0.8
+    delta, zero_point = compute_qparams(x_min, x_max, spec)
+    delta, zero_point = delta[:, None], zero_point[:, None]
+    with torch.no_grad():
+        fast = fake_quantize(x, delta, zero_point, spec)
+    slow = fake_quantize(x.clone().requires_grad_(True), delta, zero_point, spec).detach()
+    assert torch.equal(fast, slow)
+    assert not torch.equal(fast, x)  # it did quantize
