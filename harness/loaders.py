@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import ModelError
+from harness.errors import ConfigError, ModelError
 from harness.model import InferenceSettings, OneStepSR, pil_bicubic_upsample
 from harness.paths import cache_dir, repo_root
 
@@ -104,9 +104,15 @@ def _load_components(directory: Path):
 def load_diffusers_dir(
     directory: str | Path, settings: InferenceSettings | None = None
 ) -> OneStepSR:
-    """Load a diffusers-format OneStepSR directory (the embedded tiny model uses this format)."""
+    """Load a diffusers-format OneStepSR directory (the embedded tiny model uses this format).
+
+    Without ``settings``, an ``inference.json`` in the directory (written by ``train-tiny`` with the
+    tile sizes the model was made for) gives them; otherwise :class:`InferenceSettings` defaults.
+    """
     directory = Path(directory)
     _check_parts(directory, DIFFUSERS_PARTS)
+    if settings is None and (directory / "inference.json").is_file():
+        settings = _read_inference_settings(directory / "inference.json")
     embeds_path = directory / "prompt_embeds.safetensors"
     if not embeds_path.is_file():
         raise ModelError(f"{directory}: missing prompt_embeds.safetensors")
@@ -249,8 +255,15 @@ def load_model(spec: str, settings: InferenceSettings | None = None):
 
 
 def tiny_default_settings() -> InferenceSettings:
-    """Inference settings recorded next to the tiny model (tiles scaled to its f=4 VAE)."""
+    """Inference settings recorded next to the tiny model (tiles scaled to its VAE factor)."""
     path = TINY_DIR / "inference.json"
     if path.is_file():
-        return InferenceSettings.from_dict(json.loads(path.read_text()))
+        return _read_inference_settings(path)
     return InferenceSettings()
+
+
+def _read_inference_settings(path: Path) -> InferenceSettings:
+    try:
+        return InferenceSettings.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, ConfigError) as exc:
+        raise ModelError(f"{path}: not valid inference settings ({exc})") from exc

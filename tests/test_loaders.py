@@ -170,3 +170,23 @@ def test_sd21_sized_unet_constructs_and_runs():
             encoder_hidden_states=torch.randn(1, 77, 1024),
         ).sample
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+
+
+def test_a_model_directory_brings_its_inference_settings(tmp_path):
+    """``inference.json`` next to the weights sets the tiles the model was made for; a bad one is an
+    error naming the file."""
+    import json
+    import shutil
+
+    from harness.errors import ModelError
+    from harness.loaders import TINY_DIR, load_diffusers_dir
+
+    if not (TINY_DIR / "unet" / "config.json").is_file():
+        pytest.skip("the embedded tiny model is not installed")
+    copy = tmp_path / "model"
+    shutil.copytree(TINY_DIR, copy)
+    recorded = json.loads((copy / "inference.json").read_text())
+    assert load_diffusers_dir(copy).settings.to_dict() == recorded
+    (copy / "inference.json").write_text(json.dumps({**recorded, "tile_size": 3}))
+    with pytest.raises(ModelError, match="inference.json"):
+        load_diffusers_dir(copy)
