@@ -431,10 +431,15 @@ def test_invalid_inputs_are_errors(y_suite):
         y_suite.score(good, good, None)
 
 
-def test_nan_score_is_an_error():
+def test_nan_score_is_undefined_never_a_number():
+    from harness.errors import MetricUndefined
+
     loaded = hm.LoadedMetric(hm.METRICS["niqe"], lambda x: torch.tensor([float("nan")]), "cpu", {})
-    with pytest.raises(DivergedError, match="niqe"):
+    with pytest.raises(MetricUndefined, match="niqe.*x.png"):
         loaded.score(torch.rand(1, 3, 128, 128), image="x.png")
+    # NaN in the image itself is a diverged model, not an undefined score
+    with pytest.raises(DivergedError, match="NaN"):
+        loaded.score(torch.full((1, 3, 128, 128), float("nan")), image="x.png")
 
 
 def test_suite_records_unavailable_with_reasons(empty_caches):
