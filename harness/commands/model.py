@@ -52,12 +52,16 @@ def eval_command(
       qbench eval --model bicubic --dataset bsd100 --metrics psnr,ssim,niqe
 
       qbench eval --quantized runs/q/minmax-W4A4 --dataset demo --out runs/eval/minmax-W4A4
+
+      qbench eval --quantized runs/q/minmax-W4A4 --dataset demo --metrics psnr,psnr_fp,ssim_fp
     """
     import dataclasses
 
     from harness.datasets import get_dataset
+    from harness.errors import ConfigError
     from harness.evaluate import evaluate_dataset
     from harness.loaders import load_model
+    from harness.metrics import get_metric_spec
 
     if quantized is not None:
         from harness.quant.io import load_quantized
@@ -69,6 +73,22 @@ def eval_command(
         sr_model.settings = dataclasses.replace(sr_model.settings, timestep=timestep)
     resolved = get_dataset(dataset).resolve(root)
     names = [m.strip() for m in metrics.split(",") if m.strip()]
+    fp_outputs = None
+    if any(get_metric_spec(n).kind == "fp" for n in names):
+        if quantized is None:
+            raise ConfigError(
+                "psnr_fp/ssim_fp compare a quantized model with its full-precision base: "
+                "use them with --quantized"
+            )
+        if not getattr(sr_model, "base_model", None):
+            raise ConfigError(
+                f"{quantized}: the record names no base model to compute psnr_fp from"
+            )
+        with console.status(f"full-precision reference ({sr_model.base_model}) on {resolved.name}"):
+            reference = evaluate_dataset(
+                load_model(sr_model.base_model), resolved, ["psnr"], limit=limit, keep_outputs=True
+            )
+        fp_outputs = reference.outputs
     with console.status(f"evaluating on {resolved.name}") as status:
         result = evaluate_dataset(
             sr_model,
@@ -76,6 +96,7 @@ def eval_command(
             names,
             out_dir=out / "images",
             limit=limit,
+            fp_outputs=fp_outputs,
             progress=lambda i, n, name: status.update(
                 f"{resolved.name}: image {i + 1}/{n} ({name})"
             ),
