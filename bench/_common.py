@@ -194,15 +194,11 @@ def write_results(
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    return value
+    """Tuples → lists, Paths → strings, NaN/Inf → None (strict JSON): the run store's conversions."""
+    from harness.runconfig import json_data
+    from harness.store import finite_json
+
+    return finite_json(json_data(value))
 
 
 def met(value: float | None, target: float, *, at_least: bool = False) -> str:

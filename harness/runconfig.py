@@ -211,7 +211,7 @@ class RunConfig:
         """JSON-ready form stored as ``config.resolved.json``."""
         data = dataclasses.asdict(self)
         data["path"] = str(self.path) if self.path else None
-        return _jsonable(data)
+        return json_data(data)
 
 
 class MethodCatalog(Protocol):
@@ -670,7 +670,7 @@ def _method_entry(
     method_configs = {}
     for i, b in enumerate(entry_bits):
         try:
-            method_configs[b] = _jsonable(
+            method_configs[b] = json_data(
                 catalog.resolve_config(name, b, entry_scope, dict(params))
             )
         except QBenchError as exc:
@@ -701,19 +701,19 @@ def _method_entry(
 
 def canonical_json(value: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 kept: the text that is hashed into ids."""
-    return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(json_data(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def short_hash(value: Any, length: int = ID_LENGTH) -> str:
     return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:length]
 
 
-def _jsonable(value: Any) -> Any:
+def json_data(value: Any) -> Any:
     """Tuples → lists, Paths → strings, recursively (JSON has no tuples)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): json_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [json_data(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value

@@ -130,14 +130,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """NaN/Inf → None recursively (strict JSON); the status/reason fields say what happened."""
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         return None
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -330,7 +330,7 @@ class RunStore:
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):
             sessions = list(json.loads(path.read_text(encoding="utf-8")).get("sessions", []))
         sessions.append(dict(session))
-        atomic_write_json(path, _finite({"format": STORE_FORMAT, "sessions": sessions}))
+        atomic_write_json(path, finite_json({"format": STORE_FORMAT, "sessions": sessions}))
 
     def read_provenance(self) -> dict[str, Any]:
         try:
@@ -355,7 +355,7 @@ class RunStore:
         self._require_lock()
         cell_path = self.cell_path(cell.cell_id)
         rows_text = "".join(
-            json.dumps(_finite(row), ensure_ascii=False, allow_nan=False, sort_keys=True) + "\n"
+            json.dumps(finite_json(row), ensure_ascii=False, allow_nan=False, sort_keys=True) + "\n"
             for row in outcome.rows
         )
         rows_bytes = rows_text.encode("utf-8")
@@ -401,7 +401,7 @@ class RunStore:
             "crops": crop_index,
             "finished_at": _now(),
         }
-        atomic_write_json(cell_path, _finite(record))
+        atomic_write_json(cell_path, finite_json(record))
         return cell_path
 
     def read_cell(self, cell_id: str) -> StoredCell | None:
@@ -481,7 +481,7 @@ class RunStore:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         atomic_write_json(
             self.run_dir / "status.json",
-            _finite({"updated_at": _now(), "counts": counts, "cells": rows}),
+            finite_json({"updated_at": _now(), "counts": counts, "cells": rows}),
         )
         lines = [
             "| cell | method | bits | seed | status | seconds | reason |",

@@ -64,3 +64,26 @@ def build_toy_model(seed: int = 0):
     context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(seed))
     settings = InferenceSettings(latent_tile=0, vae_encoder_tile=0, vae_decoder_tile=0)
     return OneStepSR(vae, unet, scheduler.alphas_cumprod, context, settings)
+
+
+def quantize_toy_model(root: Path, n: int, bits: str = "W4A4"):
+    """MinMax on :func:`build_toy_model`, calibrated on two seeded random images written to ``root``.
+    Returns ``(qmodel, calibration)``."""
+    import numpy as np
+    from PIL import Image
+
+    from harness.quant import CalibrationSettings, build_calibration_set, quantize
+    from harness.registry import get_method
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        path = root / f"hr{i}.png"
+        Image.fromarray((rng.random((9, 11, 3)) * 255).astype(np.uint8)).resize((88, 72)).save(path)
+        paths.append(path)
+    model = build_toy_model()
+    calibration = build_calibration_set(
+        model, hr_images=paths, settings=CalibrationSettings(n=n, lr_crop=8, seed=0), cache=False
+    )
+    config = get_method("minmax").make_config(bits=bits)
+    return quantize(model, config, calibration, base_model="toy-seed-0"), calibration

@@ -7,17 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from harness.errors import ModelError
 from harness.quant import (
-    CalibrationSettings,
-    build_calibration_set,
     load_quantized,
     model_identity,
     pipeline_forward,
-    quantize,
     save_quantized,
 )
 from harness.quant.api import apply_targets, resolve_targets
@@ -33,7 +29,7 @@ from harness.quant.quantizer import observed_min_max
 from harness.quant.state import iter_quant_layers
 from harness.registry import get_method
 from methods.minmax import MinMax
-from tests.conftest import build_toy_model
+from tests.conftest import build_toy_model, quantize_toy_model
 
 torch.set_num_threads(1)
 
@@ -41,18 +37,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("io")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(2):
-        path = root / f"hr{i}.png"
-        Image.fromarray((rng.random((9, 11, 3)) * 255).astype(np.uint8)).resize((88, 72)).save(path)
-        paths.append(path)
-    model = build_toy_model()
-    calibration = build_calibration_set(
-        model, hr_images=paths, settings=CalibrationSettings(n=4, lr_crop=8, seed=0), cache=False
-    )
-    config = get_method("minmax").make_config(bits="W4A4")
-    qmodel = quantize(model, config, calibration, base_model="toy-seed-0")
+    qmodel, calibration = quantize_toy_model(root, n=4)
     out_dir = save_quantized(qmodel, root / "q")
     batch = calibration.batch(range(4))
     with torch.no_grad():

@@ -90,23 +90,9 @@ def test_enospc_while_caching_an_fp_reference_never_leaves_a_reference(tmp_path,
 
 @pytest.fixture(scope="module")
 def toy_quantized(tmp_path_factory):
-    from harness.quant import CalibrationSettings, build_calibration_set, quantize
-    from harness.registry import get_method
-    from tests.conftest import build_toy_model
+    from tests.conftest import quantize_toy_model
 
-    root = tmp_path_factory.mktemp("toyq")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(2):
-        path = root / f"hr{i}.png"
-        Image.fromarray((rng.random((9, 11, 3)) * 255).astype(np.uint8)).resize((88, 72)).save(path)
-        paths.append(path)
-    model = build_toy_model()
-    calibration = build_calibration_set(
-        model, hr_images=paths, settings=CalibrationSettings(n=2, lr_crop=8, seed=0), cache=False
-    )
-    config = get_method("minmax").make_config(bits="W4A4")
-    return quantize(model, config, calibration, base_model="toy-seed-0")
+    return quantize_toy_model(tmp_path_factory.mktemp("toyq"), n=2)[0]
 
 
 @pytest.mark.parametrize("failing", ["params", "record"])

@@ -59,7 +59,7 @@ def eval_command(
 
     from harness.datasets import get_dataset
     from harness.errors import ConfigError
-    from harness.evaluate import evaluate_dataset
+    from harness.evaluate import evaluate_dataset, load_pair_tensors
     from harness.loaders import load_model
     from harness.metrics import get_metric_spec
 
@@ -84,11 +84,12 @@ def eval_command(
             raise ConfigError(
                 f"{quantized}: the record names no base model to compute psnr_fp from"
             )
+        fp_model = load_model(sr_model.base_model)
         with console.status(f"full-precision reference ({sr_model.base_model}) on {resolved.name}"):
-            reference = evaluate_dataset(
-                load_model(sr_model.base_model), resolved, ["psnr"], limit=limit, keep_outputs=True
-            )
-        fp_outputs = reference.outputs
+            fp_outputs = {
+                pair.name: fp_model.super_resolve(load_pair_tensors(pair, resolved.scale)[0])
+                for pair in list(resolved.pairs)[: limit if limit else None]
+            }
     with console.status(f"evaluating on {resolved.name}") as status:
         result = evaluate_dataset(
             sr_model,
