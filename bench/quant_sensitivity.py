@@ -24,10 +24,6 @@ from pathlib import Path
 from bench._common import base_parser, machine_info, print_table, write_results
 
 
-def _belongs(name: str, members: tuple[str, ...]) -> bool:
-    return any(name == m or name.startswith(m + ".") for m in members)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("quantized", type=Path, help="a directory written by `qbench quantize`")
@@ -61,15 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         fp_out = {name: fp_model.super_resolve(lr) for name, lr in inputs.items()}
     suite = MetricSuite(["psnr_fp"])
-    switches = {
-        **dict(iter_quant_layers(qmodel.model)),
-        **{f"{n} (attention)": q for n, q in iter_attention_quantizers(qmodel.model)},
-    }
+    # (label, module name, switchable quantizers): conv/linear layers, then attention matmuls
+    switches = [(n, n, layer) for n, layer in iter_quant_layers(qmodel.model)]
+    switches += [(f"{n} (attention)", n, q) for n, q in iter_attention_quantizers(qmodel.model)]
 
     def psnr_fp(enabled) -> float:
-        """Mean PSNR-FP with ``enabled(name) -> (weights, activations)`` per switch."""
-        for name, layer in switches.items():
-            layer.set_quant_state(*enabled(name))
+        """Mean PSNR-FP with ``enabled(label) -> (weights, activations)`` per switch."""
+        for label, _, layer in switches:
+            layer.set_quant_state(*enabled(label))
         scores = []
         with torch.no_grad():
             for image, lr in inputs.items():
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     mode_label = {"both": "W+A", "weights": "W", "activations": "A"}[args.mode]
     units = qmodel.ordered_modules(qmodel.config.scope)
     for unit in units:
-        inside = [n for n in switches if _belongs(n.split(" ")[0], unit.members)]
+        inside = [label for label, module, _ in switches if unit.contains(module)]
         if inside:
             value = psnr_fp(lambda n, s=set(inside): on if n in s else (False, False))
             rows.append([unit.name, mode_label, len(inside), value])
@@ -96,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [u for u in units if u.name == args.unit]
         if not chosen:
             raise SystemExit(f"no unit {args.unit!r}; units: {', '.join(u.name for u in units)}")
-        for name in switches:
-            if _belongs(name.split(" ")[0], chosen[0].members):
-                rows.append([name, mode_label, 1, psnr_fp(lambda n, k=name: on if n == k else (False, False))])  # fmt: skip
+        for label, module, _ in switches:
+            if chosen[0].contains(module):
+                rows.append([label, mode_label, 1, psnr_fp(lambda n, k=label: on if n == k else (False, False))])  # fmt: skip
     print_table(
         ["quantized", "what", "layers", "psnr_fp"],
         rows,

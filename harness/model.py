@@ -169,6 +169,15 @@ class ModuleUnit:
     members: tuple[str, ...]  # fully qualified module names under the OneStepSR root
     component: str  # "vae.encoder", "unet" or "vae.decoder"
 
+    def contains(self, module_name: str) -> bool:
+        """True if ``module_name`` is one of the members or lies under one."""
+        return any(is_under(module_name, member) for member in self.members)
+
+
+def is_under(name: str, prefix: str) -> bool:
+    """True if module ``name`` is ``prefix`` or one of its submodules."""
+    return name == prefix or name.startswith(prefix + ".")
+
 
 class OneStepSR(nn.Module):
     """OSEDiff-style one-step SR model: ``vae`` (AutoencoderKL), ``unet`` (UNet2DConditionModel).

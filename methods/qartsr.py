@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError, DivergedError, MetricUnavailable, ModelError
+from harness.model import is_under
 from harness.quant.api import MethodConfig, QuantMethod, Target
 from harness.quant.attention import AttentionQuantizers
 from harness.quant.calibration import encode_per_sample
@@ -473,10 +474,6 @@ class UnitParts:
     loss_members: tuple[str, ...]
 
 
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def build_units(model, scope: str) -> list[UnitParts]:
     """The units of ``model.ordered_modules(scope)`` (forward order) with their QArtSR layers and
     attention quantizers; every QArtSR layer must belong to exactly one unit."""
@@ -485,12 +482,10 @@ def build_units(model, scope: str) -> list[UnitParts]:
     units = []
     claimed: set[str] = set()
     for unit in model.ordered_modules(scope):
-        own_layers = {
-            n: layer for n, layer in layers.items() if any(_under(n, m) for m in unit.members)
-        }
-        own_attn = {n: q for n, q in attention.items() if any(_under(n, m) for m in unit.members)}
+        own_layers = {n: layer for n, layer in layers.items() if unit.contains(n)}
+        own_attn = {n: q for n, q in attention.items() if unit.contains(n)}
         loss_members = tuple(
-            m for m in unit.members if any(_under(n, m) for n in (*own_layers, *own_attn))
+            m for m in unit.members if any(is_under(n, m) for n in (*own_layers, *own_attn))
         )
         claimed.update(own_layers)
         units.append(UnitParts(unit.name, unit.members, own_layers, own_attn, loss_members))
