@@ -961,6 +961,7 @@ class QArtSR(QuantMethod):
             module, target.layer, rank=config.lowrank_rank,
             rank_fraction=config.lowrank_rank_fraction, finetune_rank=config.finetune_rank,
             lowrank=config.lowrank, lowrank_precision=config.lowrank_precision, name=target.name,
+            seed=config.data_seed,
         )  # fmt: skip
 
     def make_attention_quantizers(self, attn: nn.Module, target: Target) -> AttentionQuantizers:

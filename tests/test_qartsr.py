@@ -161,6 +161,28 @@ def test_ranks_rule_and_no_lowrank():
         LowRankQuantConv2d(conv, _spec(), 1, 1)
 
 
+def test_adapter_init_ignores_the_global_generator():
+    """F1 comes from a generator seeded by the run seed and the layer name, never from torch's global
+    generator (whose seed differs per process: two identical runs once ended ±0.1 dB apart)."""
+    from harness.quant.lowrank import make_lowrank_layer
+
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+
+    def adapter(global_seed: int, name: str, seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        layer = make_lowrank_layer(
+            conv, _spec(), rank=2, rank_fraction=1.0, finetune_rank=3, name=name, seed=seed
+        )
+        assert torch.count_nonzero(layer.finetune_down) == 0  # F1F2 = 0 at the start
+        return layer.finetune_up.detach().clone()
+
+    reference = adapter(1, "unet.conv_in", 0)
+    assert torch.count_nonzero(reference) == reference.numel()
+    torch.testing.assert_close(adapter(2, "unet.conv_in", 0), reference, rtol=0, atol=0)
+    assert not torch.equal(adapter(1, "unet.conv_out", 0), reference)  # per layer
+    assert not torch.equal(adapter(1, "unet.conv_in", 1), reference)  # per run seed
+
+
 @pytest.mark.parametrize("kind", ["conv", "conv-split", "linear"])
 def test_merged_inference_equals_training_form(kind):
     if kind == "linear":

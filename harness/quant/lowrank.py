@@ -54,6 +54,7 @@ float baseline excludes the added tensors, and the branch's MACs are counted at 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator
 
@@ -110,7 +111,7 @@ class LowRankQuantMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
 
-    def _setup_lowrank(self, rank: int, finetune_rank: int, precision: str) -> None:
+    def _setup_lowrank(self, rank: int, finetune_rank: int, precision: str, seed: int) -> None:
         if precision not in LOWRANK_PRECISIONS:
             raise ConfigError(
                 f"lowrank_precision must be one of {LOWRANK_PRECISIONS}, got {precision!r}"
@@ -130,9 +131,13 @@ class LowRankQuantMixin:
             self.lowrank_up = None
             self.lowrank_down = None
         if self.finetune_rank > 0:
-            up = torch.empty(out_dim, self.finetune_rank, **factory)
-            nn.init.kaiming_uniform_(up, a=math.sqrt(5))
-            self.finetune_up = nn.Parameter(up)
+            # F1 is random (F2 = 0 keeps F1F2 = 0 at the start) and drawn from its own generator:
+            # torch's global generator starts from a different seed in every process, and an F1
+            # drawn from it made two identical `qbench quantize` runs end ±0.1 dB apart.
+            up = torch.empty(out_dim, self.finetune_rank, dtype=weight.dtype)
+            generator = torch.Generator().manual_seed(seed)
+            nn.init.kaiming_uniform_(up, a=math.sqrt(5), generator=generator)
+            self.finetune_up = nn.Parameter(up.to(weight.device))
             self.finetune_down = nn.Parameter(
                 torch.zeros(self.finetune_rank, in_dim, *kernel, **factory)
             )
@@ -287,10 +292,11 @@ class LowRankQuantConv2d(LowRankQuantMixin, QuantConv2d):
         rank: int,
         finetune_rank: int,
         lowrank_precision: str = "fp16",
+        seed: int = 0,
     ):
         _check_groups(conv)
         super().__init__(conv, spec)
-        self._setup_lowrank(rank, finetune_rank, lowrank_precision)
+        self._setup_lowrank(rank, finetune_rank, lowrank_precision, seed)
         convert_to_lbq(self)
 
     def extra_repr(self) -> str:
@@ -307,9 +313,10 @@ class LowRankQuantLinear(LowRankQuantMixin, QuantLinear):
         rank: int,
         finetune_rank: int,
         lowrank_precision: str = "fp16",
+        seed: int = 0,
     ):
         super().__init__(linear, spec)
-        self._setup_lowrank(rank, finetune_rank, lowrank_precision)
+        self._setup_lowrank(rank, finetune_rank, lowrank_precision, seed)
         convert_to_lbq(self)
 
     def extra_repr(self) -> str:
@@ -358,6 +365,12 @@ class TimestepBoundLinear(LowRankQuantLinear):
 LOWRANK_LAYER_TYPES = (LowRankQuantConv2d, LowRankQuantLinear)
 
 
+def layer_seed(name: str, seed: int) -> int:
+    """A 63-bit seed from a layer name and a run seed, the same in every process (unlike ``hash``)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def make_lowrank_layer(
     module: nn.Module,
     spec: LayerQuantSpec,
@@ -368,16 +381,22 @@ def make_lowrank_layer(
     lowrank: bool = True,
     lowrank_precision: str = "fp16",
     name: str = "",
+    seed: int = 0,
 ) -> LowRankQuantMixin:
-    """The QArtSR replacement of an ``nn.Conv2d``/``nn.Linear`` (ranks by :func:`lowrank_ranks`)."""
+    """The QArtSR replacement of an ``nn.Conv2d``/``nn.Linear`` (ranks by :func:`lowrank_ranks`).
+
+    The adapter's random F1 is drawn from a generator seeded by :func:`layer_seed` (``seed`` and the
+    layer's ``name``): the same model, config and seed give the same layers in every process.
+    """
     r, r_f = lowrank_ranks(
         tuple(module.weight.shape), rank, rank_fraction, finetune_rank, lowrank=lowrank
     )
+    init_seed = layer_seed(name, seed)
     if type(module) is nn.Conv2d:
-        return LowRankQuantConv2d(module, spec, r, r_f, lowrank_precision)
+        return LowRankQuantConv2d(module, spec, r, r_f, lowrank_precision, init_seed)
     if type(module) is nn.Linear:
         cls = TimestepBoundLinear if name == TIME_EMBEDDING_LAYER else LowRankQuantLinear
-        return cls(module, spec, r, r_f, lowrank_precision)
+        return cls(module, spec, r, r_f, lowrank_precision, init_seed)
     raise ConfigError(f"no QArtSR layer for {type(module).__name__} ({name or 'unnamed'})")
 
 
