@@ -1,0 +1,163 @@
+"""``python -m bench.one_step_fit``: how well a UNet learns the one-step SR map, on held-out latent pairs.
+
+The tiny model's SR fidelity is limited by stage 3a of ``qbench train-tiny`` (docs/model.md): the UNet
+at T=999 must turn z_L (the encoded bicubic upsampling) into x0 = (z_L − √(1−ᾱ)·ε)/√ᾱ ≈ z_HR, and
+every error in ε is amplified 14.6×. This bench replays that objective from a finished training run's
+work directory (its stage-2 ``base_model`` and its ``stage3_pairs.pt``), with a choice of what trains,
+and reports the latent MSE on held-out pairs next to the identity map's (z_L itself, the latent
+analogue of bicubic). A model that cannot beat the identity here cannot beat bicubic.
+
+Variants (``--variant``):
+
+- ``lora``: what ``train-tiny`` trains (OSEDiff's three UNet LoRA adapters at rank 32 with ``lora_B`` at
+  8× the learning rate, ``conv_in`` fully);
+- ``lora-bias``: ``lora`` plus every bias, every norm's affine parameters and ``conv_out`` fully (LoRA
+  cannot move a bias; these would be stored as full tensors in ``osediff.pkl``);
+- ``full``: every UNet parameter.
+
+``--scratch`` starts from a randomly initialised UNet instead of the diffusion-pretrained one, and
+``--norm-eps`` changes the GroupNorm epsilon of that fresh UNet (a config value of the same class).
+
+Usage::
+
+    python -m bench.one_step_fit --work /path/to/train_run --variant full --steps 400 --lr 1e-3
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+from bench._common import base_parser, machine_info, print_table, write_results
+
+VARIANTS = ("lora", "lora-bias", "full")
+COLUMNS = ("step", "seconds", "all", "all_identity", "bicubic", "bicubic_identity")
+
+
+def trainable(unet, variant: str) -> list[tuple[str, object]]:
+    """Mark and return the ``(name, parameter)`` pairs that ``variant`` trains."""
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    for name, p in unet.named_parameters():
+        if variant == "full":
+            p.requires_grad_(True)
+            continue
+        train = "lora" in name or "conv_in" in name
+        if variant == "lora-bias":
+            train = train or name.endswith("bias") or "norm" in name or "conv_out" in name
+        p.requires_grad_(train)
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="a `qbench train-tiny` OUT dir")
+    parser.add_argument("--variant", choices=VARIANTS, default="lora")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--holdout", type=int, default=150, help="last N pairs are held out")
+    parser.add_argument("--scratch", action="store_true", help="random UNet, no stage 2")
+    parser.add_argument("--norm-eps", type=float, default=None, help="with --scratch")
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from harness.lora import add_osediff_adapters
+    from harness.tiny import arch
+    from harness.tiny.train import _cosine_lr, _encode_pool, _load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    work = args.work / "work"
+    base = work / "base_model"
+    pairs = _load_checkpoint(work / "stage3_pairs.pt")
+    if pairs is None or not base.is_dir():
+        raise SystemExit(f"{work}: needs base_model/ and stage3_pairs.pt of a train-tiny run")
+    vae = AutoencoderKL.from_pretrained(base / "vae").eval()
+    if args.scratch:
+        config = dict(arch.UNET_CONFIG)
+        if args.norm_eps is not None:
+            config["norm_eps"] = args.norm_eps
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**config)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    context = load_file(str(base / "prompt_embeds.safetensors"))["prompt_embeds"]
+    z_mean, z_std, z_hr = _encode_pool(vae, pairs["lr"], pairs["hr"])
+    bicubic = [r["lr"] == "bicubic" for r in pairs["records"]]
+    n = len(z_mean)
+    train_idx = list(range(n - args.holdout))
+    held = list(range(n - args.holdout, n))
+    held_bicubic = [i for i in held if bicubic[i]]
+    abar = arch.build_scheduler().alphas_cumprod.double()[999]
+    if args.variant != "full":
+        add_osediff_adapters(vae, unet, 32, 8)
+    named = trainable(unet, args.variant)
+    groups = [
+        {"params": [p for n_, p in named if "lora_B" not in n_], "mult": 1.0},
+        {"params": [p for n_, p in named if "lora_B" in n_], "mult": 8.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.Adam(groups, lr=args.lr)
+
+    def x0(z_l):
+        t = torch.full((len(z_l),), 999, dtype=torch.long)
+        eps = unet(z_l, t, encoder_hidden_states=context.expand(len(z_l), -1, -1)).sample
+        return ((z_l.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()).float()
+
+    @torch.no_grad()
+    def held_out() -> dict[str, float]:
+        unet.eval()
+        out = {}
+        for label, ids in (("all", held), ("bicubic", held_bicubic)):
+            se = sum(
+                F.mse_loss(x0(z_mean[ids[s : s + 25]]), z_hr[ids[s : s + 25]], reduction="sum")
+                for s in range(0, len(ids), 25)
+            )
+            out[label] = float(se) / (len(ids) * z_mean[0].numel())
+            out[f"{label}_identity"] = float(F.mse_loss(z_mean[ids], z_hr[ids]))
+        unet.train()
+        return out
+
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    rows, start = [], time.perf_counter()
+    unet.train()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(args.lr, step, args.steps) * group["mult"]
+        optimizer.zero_grad(set_to_none=True)
+        idx = [rng.choice(train_idx) for _ in range(args.batch)]
+        z_l = z_mean[idx] + z_std[idx] * torch.randn_like(z_mean[idx])
+        loss = F.mse_loss(x0(z_l), z_hr[idx])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        if (step + 1) % max(1, args.steps // 4) == 0 or step + 1 == args.steps:
+            rows.append(
+                {"step": step + 1, "seconds": round(time.perf_counter() - start), **held_out()}
+            )
+    print_table(
+        ["step", "s", "held-out MSE", "identity", "bicubic-LR MSE", "identity"],
+        [[r[k] for k in COLUMNS] for r in rows],
+        title=f"one-step latent fit: {args.variant}{' from scratch' if args.scratch else ''}, "
+        f"lr {args.lr:g}, {args.steps} steps, {len(held)} held-out pairs",
+    )
+    figures = {
+        "work": str(args.work), "variant": args.variant, "scratch": args.scratch,
+        "norm_eps": args.norm_eps, "lr": args.lr, "steps": args.steps, "batch": args.batch,
+        "trainable_parameters": sum(p.numel() for _, p in named), "rows": rows,
+    }  # fmt: skip
+    write_results("one_step_fit", figures, machine=machine, args=args, path=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
