@@ -46,11 +46,12 @@ Quirks of the released code (methods.md §6.7) and what ``faithful=True`` does (
 Hyper-parameters: ``profile="paper"`` = released configs (lr 1e-5 for LET and LBQ, 2 epochs per
 phase, batch 1, MultiStepLR milestone 1, γ 0.2 for the UNet in UV and 0.1 in U, no scheduler for the
 VAE parts). ``profile="tiny"`` = the CPU budget of the embedded tiny model (docs/passionsr.md §5):
-16 crops instead of 500, so 32 instead of 1,000 optimizer steps per phase; LET lr 1e-3; the LBQ step
+64 crops instead of 500 (the demo matrices; 16 when these rates were tuned), so 128 instead of 1,000
+optimizer steps per phase; LET lr 1e-3; the LBQ step
 is measured in range widths (``boundary_step="relative"``: each Adam update of a boundary is scaled
 by its quantizer's range width at the start of the phase, lr 0.0033 = 1/300 of the width per step,
 ≈ 0.05 of a 4-bit quantization step), because one absolute lr cannot suit weight ranges (~0.1) and
-activation ranges (~10) at once within 32 steps. ``profile="auto"`` (default) picks ``tiny`` for the
+activation ranges (~10) at once within a few dozen steps. ``profile="auto"`` (default) picks ``tiny`` for the
 embedded ``tiny`` model and ``paper`` otherwise; the resolved values are recorded. Explicit ``lr``
 (both phases), ``let_lr``, ``lbq_lr``, ``epochs`` and ``boundary_step`` override the profile.
 

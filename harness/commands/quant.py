@@ -18,8 +18,8 @@ from harness.errors import ConfigError, DivergedError
 
 console = Console()
 
-TINY_DEFAULTS = {"n": 16, "lr_crop": 32, "source": "tiny-train"}
-"""Calibration defaults for the tiny model (``configs/demo.toml``): 16 crops of 32 px LR."""
+TINY_DEFAULTS = {"n": 64, "lr_crop": 32, "source": "tiny-train"}
+"""Calibration defaults for the tiny model (``configs/demo.toml``): 64 crops of 32 px LR."""
 PAPER_DEFAULTS = {"n": 500, "lr_crop": 128}
 """PassionSR's protocol for real models: 500 crops of 128 px LR (methods.md §6.4)."""
 
@@ -192,7 +192,7 @@ def register(app: typer.Typer, ls_app: typer.Typer) -> None:
             None, "--scope", help="U (UNet) or UV (UNet + VAE, default)."
         ),
         calib_n: int | None = typer.Option(
-            None, "--calib-n", help="Calibration crops (tiny 16, else 500)."
+            None, "--calib-n", help="Calibration crops (tiny 64, else 500)."
         ),
         calib_crop: int | None = typer.Option(
             None, "--calib-crop", help="LR crop side (tiny 32, else 128)."
