@@ -34,9 +34,11 @@ BANDS = ("all", "low", "mid", "high")
 
 
 def y_channel(image01):
-    """1×3×H×W in [0, 1] → H×W float64 Y on the 16–235 scale (BT.601), after 8-bit rounding."""
+    """1×3×H×W in [0, 1] → H×W float64 Y on the 16–235 scale (BT.601), after the 8-bit rounding every
+    qbench metric applies (:func:`harness.metrics.quantize_8bit`)."""
+    from harness.metrics import quantize_8bit
 
-    rgb = (image01[0].permute(1, 2, 0).double().numpy() * 255.0).round().clip(0, 255)
+    rgb = (quantize_8bit(image01)[0].permute(1, 2, 0).double().numpy() * 255.0).round()
     return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
 
 

@@ -10,7 +10,7 @@ analogue of bicubic). A model that cannot beat the identity here cannot beat bic
 Variants (``--variant``):
 
 - ``lora``: what ``train-tiny`` trains (OSEDiff's three UNet LoRA adapters at rank 32 with ``lora_B`` at
-  8× the learning rate, ``conv_in`` fully);
+  ``TrainConfig.lora_b_lr_mult`` × the learning rate, ``conv_in`` fully);
 - ``lora-bias``: ``lora`` plus every bias, every norm's affine parameters and ``conv_out`` fully (LoRA
   cannot move a bias; these would be stored as full tensors in ``osediff.pkl``);
 - ``full``: every UNet parameter.
@@ -38,13 +38,15 @@ COLUMNS = ("step", "seconds", "all", "all_identity", "bicubic", "bicubic_identit
 
 def trainable(unet, variant: str) -> list[tuple[str, object]]:
     """Mark and return the ``(name, parameter)`` pairs that ``variant`` trains."""
+    from harness.tiny.train import osediff_unet_trainable
+
     for p in unet.parameters():
         p.requires_grad_(False)
     for name, p in unet.named_parameters():
         if variant == "full":
             p.requires_grad_(True)
             continue
-        train = "lora" in name or "conv_in" in name
+        train = osediff_unet_trainable(name)
         if variant == "lora-bias":
             train = train or name.endswith("bias") or "norm" in name or "conv_out" in name
         p.requires_grad_(train)
@@ -71,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.lora import add_osediff_adapters
     from harness.tiny import arch
-    from harness.tiny.train import _cosine_lr, _encode_pool, _load_checkpoint
+    from harness.tiny.train import (
+        TrainConfig,
+        _cosine_lr,
+        _encode_pool,
+        _load_checkpoint,
+        lora_param_groups,
+        one_step_x0,
+    )
 
     torch.set_num_threads(args.threads)
     machine = machine_info()
@@ -100,17 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant != "full":
         add_osediff_adapters(vae, unet, 32, 8)
     named = trainable(unet, args.variant)
-    groups = [
-        {"params": [p for n_, p in named if "lora_B" not in n_], "mult": 1.0},
-        {"params": [p for n_, p in named if "lora_B" in n_], "mult": 8.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in lora_param_groups([unet], TrainConfig.lora_b_lr_mult) if g["params"]]
     optimizer = torch.optim.Adam(groups, lr=args.lr)
 
     def x0(z_l):
         t = torch.full((len(z_l),), 999, dtype=torch.long)
         eps = unet(z_l, t, encoder_hidden_states=context.expand(len(z_l), -1, -1)).sample
-        return ((z_l.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()).float()
+        return one_step_x0(z_l, eps, abar)
 
     @torch.no_grad()
     def held_out() -> dict[str, float]:
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     unet.train()
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(args.lr, step, args.steps) * group["mult"]
+            group["lr"] = _cosine_lr(args.lr, step, args.steps) * group["lr_mult"]
         optimizer.zero_grad(set_to_none=True)
         idx = [rng.choice(train_idx) for _ in range(args.batch)]
         z_l = z_mean[idx] + z_std[idx] * torch.randn_like(z_mean[idx])

@@ -15,8 +15,10 @@ with ResNet blocks, cross-attention transformer blocks with linear projections, 
   ``conv_out`` through GroupNorm → SiLU: at T=999, x0 = (z − √(1−ᾱ)·ε)/√ᾱ needs ε to about 1% to beat
   the identity map, and GroupNorm's per-sample statistics over 2 channels per group (the earlier
   width 16 with 8 groups) lose exactly the scale information that precision needs. Measured here
-  (stage 3a objective, 400 steps from scratch, held-out latent MSE): width 16 0.79, width 48 0.11
-  (SD-2.1 carries 4 latent channels in 320). A UNet pass at a 128² latent (a 256² image) costs 0.13 s instead of 0.07 s.
+  (stage 3a objective, 400 steps from scratch, held-out latent MSE, a throwaway script): width 16
+  0.79, width 48 0.11. With bench.one_step_fit's setup (``--scratch --variant full --lr 1e-3``,
+  2026-12-04) width 48 gave 0.29: the setups differ, and the 0.11 was not reproduced. (SD-2.1
+  carries 4 latent channels in 320.) A UNet pass at a 128² latent (a 256² image) costs 0.13 s instead of 0.07 s.
 - No VAE mid-block attention: at f=2 its token count is (H/2)·(W/2), the full-resolution attention
   DEVELOPERS.md warns costs 10× on this CPU. PassionSR does not quantize the VAE attention matmuls
   anyway (methods.md §6.1).

@@ -70,8 +70,9 @@ class TrainConfig:
     # learning rate by m (B starts at 0) is the same training as multiplying peft's ``lora_alpha`` by m.
     # OSEDiff trains rank 4 with peft's default alpha 8, a LoRA scale alpha/r = 2; at rank 32 the
     # default alpha gives 0.25, so 8 restores OSEDiff's effective scale while the ``osediff.pkl``
-    # keeps the default alpha its loader assumes. Measured here (300 steps of stage 3a, w48 UNet):
-    # held-out latent MSE 0.18 with 8 and 0.50 with 1 (full fine-tuning: 0.08; docs/model.md).
+    # keeps the default alpha its loader assumes. Measured here (300 steps of stage 3a, w48 UNet, a
+    # throwaway script): held-out latent MSE 0.18 with 8 and 0.50 with 1. (Its "full fine-tuning: 0.08"
+    # was not reproduced by bench.one_step_fit: 0.22 after 400 steps; docs/model.md.)
     lora_b_lr_mult: float = 8.0
     sr_latent_weight: float = 1.0
     degraded_fraction: float = 0.3
@@ -334,6 +335,26 @@ def _encode_pool(vae, lr_pool, hr_pool, batch: int = 32):
     return torch.cat(means), torch.cat(stds), torch.cat(targets)
 
 
+def one_step_x0(z_l: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """OSEDiff's x0 = (z − √(1−ᾱ)·ε)/√ᾱ in float64 (ᾱ of the one-step timestep), returned as float32."""
+    return ((z_l.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()).float()
+
+
+def osediff_unet_trainable(name: str) -> bool:
+    """OSEDiff's stage-3 UNet parameters: the LoRA adapters and the fully trained ``conv_in``."""
+    return "lora" in name or "conv_in" in name
+
+
+def lora_param_groups(models, lora_b_lr_mult: float) -> list[dict]:
+    """The trainable parameters of ``models`` as ``_run_stage`` groups: ``lora_B`` at ``lora_b_lr_mult``
+    times the stage's learning rate (:attr:`TrainConfig.lora_b_lr_mult`), everything else at 1×."""
+    named = [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if "lora_B" not in n], "lr_mult": 1.0},
+        {"params": [p for n, p in named if "lora_B" in n], "lr_mult": lora_b_lr_mult},
+    ]
+
+
 def _train_one_step_latent(unet, vae, context, lr_pool, hr_pool, abar, timestep, params, cfg, work,
                            log):  # fmt: skip
     """Stage 3a: the one-step map at T in latent space only, z_L → x0(UNet(z_L, T)) ≈ z_HR.
@@ -358,7 +379,7 @@ def _train_one_step_latent(unet, vae, context, lr_pool, hr_pool, abar, timestep,
         z_l = z_mean[idx] + z_std[idx] * torch.randn_like(z_mean[idx])
         t = torch.full((len(idx),), timestep, dtype=torch.long)
         eps = unet(z_l, t, encoder_hidden_states=context.expand(len(idx), -1, -1)).sample
-        z_h = ((z_l.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()).float()
+        z_h = one_step_x0(z_l, eps, abar)
         loss = F.mse_loss(z_h, z_hr[idx])
         return {"loss": loss, "lat_identity": F.mse_loss(z_mean[idx], z_hr[idx])}
 
@@ -376,23 +397,16 @@ def train_one_step(vae, unet, context, scheduler, pool, cfg, work, log, timestep
     for p in unet.parameters():
         p.requires_grad_(False)
     for n, p in unet.named_parameters():
-        if "lora" in n or "conv_in" in n:
+        if osediff_unet_trainable(n):
             p.requires_grad_(True)
     for n, p in vae.named_parameters():
         if "lora" in n:
             p.requires_grad_(True)
 
-    def groups(*models):
-        named = [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
-        return [
-            {"params": [p for n, p in named if "lora_B" not in n], "lr_mult": 1.0},
-            {"params": [p for n, p in named if "lora_B" in n], "lr_mult": cfg.lora_b_lr_mult},
-        ]
-
     abar = scheduler.alphas_cumprod.double()[timestep]
     sf = vae.config.scaling_factor
-    unet_params = groups(unet)
-    params = groups(unet, vae)
+    unet_params = lora_param_groups([unet], cfg.lora_b_lr_mult)
+    params = lora_param_groups([unet, vae], cfg.lora_b_lr_mult)
     _train_one_step_latent(unet, vae, context, lr_pool, hr_pool, abar, timestep, unet_params, cfg,
                            work, log)  # fmt: skip
     unet.train()
@@ -405,7 +419,7 @@ def train_one_step(vae, unet, context, scheduler, pool, cfg, work, log, timestep
         z_l = vae.encode(x).latent_dist.sample() * sf
         t = torch.full((x.shape[0],), timestep, dtype=torch.long)
         eps = unet(z_l, t, encoder_hidden_states=context.expand(x.shape[0], -1, -1)).sample
-        z_h = ((z_l.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()).float()
+        z_h = one_step_x0(z_l, eps, abar)
         image = vae.decode(z_h / sf).sample
         loss_img = F.mse_loss(image, hr)
         with torch.no_grad():
