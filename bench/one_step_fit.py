@@ -15,8 +15,15 @@ Variants (``--variant``):
   cannot move a bias; these would be stored as full tensors in ``osediff.pkl``);
 - ``full``: every UNet parameter.
 
-``--scratch`` starts from a randomly initialised UNet instead of the diffusion-pretrained one, and
-``--norm-eps`` changes the GroupNorm epsilon of that fresh UNet (a config value of the same class).
+``--scratch`` starts from a randomly initialised UNet (diffusers' config, with the output GroupNorm)
+instead of the diffusion-pretrained one, and ``--norm-eps`` changes the GroupNorm epsilon of that fresh
+UNet (a config value of the same class). ``--no-out-norm`` removes ``conv_norm_out``/``conv_act``
+(:func:`harness.tiny.arch.drop_output_norm`; the shipped tiny UNet has none). ``--loss log-mse``
+trains on the mean of log(per-pair MSE) (:func:`harness.tiny.train.pair_loss`).
+
+Besides the pooled held-out MSE, the table reports "dB vs identity": the mean over held-out pairs of
+10·log10(identity MSE / model MSE), which weights every pair alike as a per-image mean PSNR does (a
+smooth pair, where the identity map is nearly exact, counts as much as a textured one).
 
 Usage::
 
@@ -33,7 +40,15 @@ from pathlib import Path
 from bench._common import base_parser, machine_info, print_table, write_results
 
 VARIANTS = ("lora", "lora-bias", "full")
-COLUMNS = ("step", "seconds", "all", "all_identity", "bicubic", "bicubic_identity")
+COLUMNS = (
+    "step",
+    "seconds",
+    "all",
+    "all_identity",
+    "bicubic",
+    "bicubic_identity",
+    "db_vs_identity",
+)
 
 
 def trainable(unet, variant: str) -> list[tuple[str, object]]:
@@ -63,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", type=int, default=150, help="last N pairs are held out")
     parser.add_argument("--scratch", action="store_true", help="random UNet, no stage 2")
     parser.add_argument("--norm-eps", type=float, default=None, help="with --scratch")
+    parser.add_argument("--no-out-norm", action="store_true", help="drop conv_norm_out/conv_act")
+    parser.add_argument(
+        "--loss", choices=("mse", "log-mse"), default="mse",
+        help="log-mse: mean over pairs of log(per-pair MSE), the latent analogue of mean PSNR",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args(argv)
 
@@ -71,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import load_file
 
+    from harness.loaders import load_unet
     from harness.lora import add_osediff_adapters
     from harness.tiny import arch
     from harness.tiny.train import (
@@ -97,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**config)
     else:
-        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        unet = load_unet(base / "unet")
+    if args.no_out_norm:
+        arch.drop_output_norm(unet)
     context = load_file(str(base / "prompt_embeds.safetensors"))["prompt_embeds"]
     z_mean, z_std, z_hr = _encode_pool(vae, pairs["lr"], pairs["hr"])
     bicubic = [r["lr"] == "bicubic" for r in pairs["records"]]
@@ -128,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             out[label] = float(se) / (len(ids) * z_mean[0].numel())
             out[f"{label}_identity"] = float(F.mse_loss(z_mean[ids], z_hr[ids]))
+        # mean over held-out pairs of 10·log10(identity MSE / model MSE): per-pair like mean PSNR
+        gains = []
+        for s in range(0, len(held), 25):
+            ids = held[s : s + 25]
+            pred = x0(z_mean[ids])
+            mse = (pred - z_hr[ids]).pow(2).flatten(1).mean(1)
+            ident = (z_mean[ids] - z_hr[ids]).pow(2).flatten(1).mean(1)
+            gains.append(10 * torch.log10(ident / mse))
+        out["db_vs_identity"] = float(torch.cat(gains).mean())
         unet.train()
         return out
 
@@ -141,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         idx = [rng.choice(train_idx) for _ in range(args.batch)]
         z_l = z_mean[idx] + z_std[idx] * torch.randn_like(z_mean[idx])
-        loss = F.mse_loss(x0(z_l), z_hr[idx])
+        per_pair = (x0(z_l) - z_hr[idx]).pow(2).flatten(1).mean(1)
+        loss = per_pair.mean() if args.loss == "mse" else per_pair.log().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
@@ -150,14 +183,14 @@ def main(argv: list[str] | None = None) -> int:
                 {"step": step + 1, "seconds": round(time.perf_counter() - start), **held_out()}
             )
     print_table(
-        ["step", "s", "held-out MSE", "identity", "bicubic-LR MSE", "identity"],
+        ["step", "s", "held-out MSE", "identity", "bicubic-LR MSE", "identity", "dB vs identity"],
         [[r[k] for k in COLUMNS] for r in rows],
         title=f"one-step latent fit: {args.variant}{' from scratch' if args.scratch else ''}, "
         f"lr {args.lr:g}, {args.steps} steps, {len(held)} held-out pairs",
     )
     figures = {
         "work": str(args.work), "variant": args.variant, "scratch": args.scratch,
-        "norm_eps": args.norm_eps, "lr": args.lr, "steps": args.steps, "batch": args.batch,
+        "norm_eps": args.norm_eps, "no_out_norm": args.no_out_norm, "loss": args.loss, "lr": args.lr, "steps": args.steps, "batch": args.batch,
         "trainable_parameters": sum(p.numel() for _, p in named), "rows": rows,
     }  # fmt: skip
     write_results("one_step_fit", figures, machine=machine, args=args, path=args.json)

@@ -89,12 +89,44 @@ def _check_parts(directory: Path, parts: tuple[str, ...]) -> None:
         )
 
 
+def load_unet(unet_dir: Path):
+    """``UNet2DConditionModel.from_pretrained``, honouring ``qbench_unet.json`` if present.
+
+    The tiny model's UNet has no output GroupNorm (:data:`harness.tiny.arch.UNET_OUTPUT_NORM`), which
+    diffusers' config cannot express; ``train-tiny`` records it in ``unet/qbench_unet.json`` and the
+    UNet is then built from its config, stripped, and loaded strictly (every tensor must match).
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from harness.tiny.arch import UNET_ARCH_FILE, drop_output_norm
+
+    arch_path = unet_dir / UNET_ARCH_FILE
+    if not arch_path.is_file():
+        return UNet2DConditionModel.from_pretrained(unet_dir)
+    try:
+        record = json.loads(arch_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{arch_path}: not valid JSON ({exc})") from None
+    unknown = set(record) - {"conv_norm_out"}
+    if unknown or not isinstance(record.get("conv_norm_out", True), bool):
+        raise ModelError(f'{arch_path}: expected {{"conv_norm_out": true|false}}, got {record}')
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
+    if not record.get("conv_norm_out", True):
+        drop_output_norm(unet)
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{unet_dir}: missing diffusion_pytorch_model.safetensors")
+    unet.load_state_dict(load_file(str(weights)), strict=True)
+    return unet.eval()
+
+
 def _load_components(directory: Path):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
 
     try:
         vae = AutoencoderKL.from_pretrained(directory / "vae")
-        unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+        unet = load_unet(directory / "unet")
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{directory}: cannot load the diffusers components ({exc})") from None

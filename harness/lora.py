@@ -117,13 +117,23 @@ def add_osediff_adapters(
 
 
 def osediff_state(
-    vae: nn.Module, unet: nn.Module, targets: dict, rank_unet: int, rank_vae: int
+    vae: nn.Module,
+    unet: nn.Module,
+    targets: dict,
+    rank_unet: int,
+    rank_vae: int,
+    full_unet: bool = False,
 ) -> dict:
-    """The ``osediff.pkl`` dict: LoRA weights and the full UNet ``conv_in``, as OSEDiff's ``save_model``."""
+    """The ``osediff.pkl`` dict: LoRA weights and the full UNet ``conv_in``, as OSEDiff's ``save_model``.
+
+    ``full_unet`` stores every UNet parameter (the adapters' base layers included) instead: the tiny
+    model's stage 3a trains them all (``harness.tiny.train``), and :func:`load_osediff_state` copies
+    whatever UNet keys the file holds, so the same loader reproduces it.
+    """
     state_unet = {
         n: p.detach().cpu().clone()
         for n, p in unet.named_parameters()
-        if "lora" in n or "conv_in" in n
+        if full_unet or "lora" in n or "conv_in" in n
     }
     state_vae = {n: p.detach().cpu().clone() for n, p in vae.named_parameters() if "lora" in n}
     return {**targets, "rank_unet": rank_unet, "rank_vae": rank_vae,

@@ -20,7 +20,7 @@ def _save_base(tmp_path, seed=0):
     model = make_random_model(seed)
     root = tmp_path / "sd"
     model.vae.save_pretrained(root / "vae")
-    model.unet.save_pretrained(root / "unet")
+    arch.save_unet(model.unet, root / "unet")
     arch.build_scheduler().save_pretrained(root / "scheduler")
     save_file(
         {"prompt_embeds": model.prompt_embeds.contiguous()}, root / "prompt_embeds.safetensors"
@@ -36,6 +36,19 @@ def test_diffusers_dir_round_trip(tmp_path):
     assert torch.allclose(model.super_resolve(lr), loaded.super_resolve(lr), atol=1e-5)
     assert loaded.identity["weights_sha256"]
     assert parse_model_spec(str(root)) == {"kind": "diffusers-dir", "path": str(root)}
+    # the tiny UNet has no output GroupNorm; qbench_unet.json carries that through the round trip
+    assert model.unet.conv_norm_out is None and loaded.unet.conv_norm_out is None
+
+
+def test_bad_unet_arch_file_is_named(tmp_path):
+    _, root = _save_base(tmp_path)
+    arch_file = root / "unet" / arch.UNET_ARCH_FILE
+    arch_file.write_text('{"conv_norm_out": "no"}')
+    with pytest.raises(ModelError, match="qbench_unet.json"):
+        load_diffusers_dir(root)
+    arch_file.write_text("{not json")
+    with pytest.raises(ModelError, match="qbench_unet.json.*not valid JSON"):
+        load_diffusers_dir(root)
 
 
 def test_missing_parts_are_named(tmp_path):

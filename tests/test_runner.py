@@ -453,7 +453,7 @@ def _random_model_dir(out: Path) -> Path:
     vae = arch.build_vae(0)
     vae.register_to_config(scaling_factor=0.5)
     vae.save_pretrained(out / "vae")
-    arch.build_unet(0).save_pretrained(out / "unet")
+    arch.save_unet(arch.build_unet(0), out / "unet")
     arch.build_scheduler().save_pretrained(out / "scheduler")
     save_file(
         {"prompt_embeds": arch.build_context().contiguous()}, str(out / "prompt_embeds.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -75,3 +76,23 @@ def test_demo_set_is_disjoint_from_training_and_licensed():
     for name in names:
         for sub in ("HR", "LR", "LR_realesrgan"):
             assert (datasets_dir() / "demo" / sub / f"{name}.png").is_file()
+
+
+def test_pair_loss_weights_every_pair_alike():
+    from harness.tiny.train import pair_loss
+
+    target = torch.zeros(2, 3, 4, 4)
+    pred = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 1.0)])
+    assert torch.isclose(pair_loss(pred, target, "mse"), torch.tensor((0.01 + 1.0) / 2))
+    log_loss = pair_loss(pred, target, "log-mse")
+    assert torch.isclose(log_loss, torch.tensor((math.log(0.01) + math.log(1.0)) / 2))
+    # halving the error of the nearly exact pair moves log-mse as much as halving the large one
+    smaller = pred.clone()
+    smaller[0] /= 2
+    larger_fixed = pred.clone()
+    larger_fixed[1] /= 2
+    assert torch.isclose(
+        pair_loss(smaller, target, "log-mse"), pair_loss(larger_fixed, target, "log-mse")
+    )
+    with pytest.raises(ValueError, match="sr_loss"):
+        pair_loss(pred, target, "l1")
