@@ -11,8 +11,9 @@ with ResNet blocks, cross-attention transformer blocks with linear projections, 
   Measured here, 8 minutes of single-thread training each (``/tmp`` trials, demo HR reconstruction
   Y-PSNR): f=4/16 ch 25.4 dB, f=2/8 ch 31.1 dB, f=2/12 ch 31.8 dB (924 steps); the first shipped
   model (f=4/8 ch, 1100 steps) reached 27.9 dB and its SR 18.3 dB.
-- UNet widths 48/48/64/96 (four levels), and no output GroupNorm (:data:`UNET_OUTPUT_NORM`, since
-  session 5). The top level carried the 12-channel latent to ``conv_out`` through GroupNorm → SiLU: at T=999, x0 = (z − √(1−ᾱ)·ε)/√ᾱ needs ε to about 1% to beat
+- UNet widths 48/48/64/96 (four levels), and no output GroupNorm (:data:`UNET_OUTPUT_NORM`). Before
+  that change the top level carried the 12-channel latent to ``conv_out`` through GroupNorm → SiLU: at
+  T=999, x0 = (z − √(1−ᾱ)·ε)/√ᾱ needs ε to about 1% to beat
   the identity map, and GroupNorm's per-sample statistics over 2 channels per group (the earlier
   width 16 with 8 groups) lose exactly the scale information that precision needs. Measured here
   (stage 3a objective, 400 steps from scratch, held-out latent MSE, a throwaway script): width 16
