@@ -96,3 +96,13 @@ def test_pair_loss_weights_every_pair_alike():
     )
     with pytest.raises(ValueError, match="sr_loss"):
         pair_loss(pred, target, "l1")
+
+
+def test_train_config_refuses_unknown_stage3_choices_at_construction():
+    from harness.tiny.train import TrainConfig
+
+    with pytest.raises(ValueError, match="sr_loss"):
+        TrainConfig(sr_loss="l1")
+    with pytest.raises(ValueError, match="sr_latent_params"):
+        TrainConfig(sr_latent_params="some")
+

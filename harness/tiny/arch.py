@@ -32,6 +32,7 @@ with ResNet blocks, cross-attention transformer blocks with linear projections, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -103,16 +104,14 @@ def drop_output_norm(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return unet
 
 
-def build_unet(seed: int = 0, output_norm: bool = UNET_OUTPUT_NORM) -> UNet2DConditionModel:
+def build_unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**UNET_CONFIG)
-    return unet if output_norm else drop_output_norm(unet)
+    return unet if UNET_OUTPUT_NORM else drop_output_norm(unet)
 
 
-def save_unet(unet: UNet2DConditionModel, directory) -> None:
+def save_unet(unet: UNet2DConditionModel, directory: str | Path) -> None:
     """``save_pretrained`` plus ``qbench_unet.json`` (the departure diffusers' config cannot hold)."""
-    from pathlib import Path
-
     unet.save_pretrained(directory, safe_serialization=True)
     record = {"conv_norm_out": unet.conv_norm_out is not None}
     (Path(directory) / UNET_ARCH_FILE).write_text(json.dumps(record) + "\n")

@@ -43,6 +43,9 @@ from harness.tiny import arch, photos
 PREPARED_LONG_SIDE = 1280
 
 
+SR_LOSSES = ("mse", "log-mse")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -91,6 +94,15 @@ class TrainConfig:
     long_side_max: int = 1280
     checkpoint_every: int = 250
     require_debian_photos: bool = True
+
+    def __post_init__(self) -> None:
+        # checked here, not when stage 3 starts an hour into a run
+        if self.sr_latent_params not in ("all", "lora"):
+            raise ValueError(
+                f"sr_latent_params must be 'all' or 'lora', got {self.sr_latent_params!r}"
+            )
+        if self.sr_loss not in SR_LOSSES:
+            raise ValueError(f"sr_loss must be one of {SR_LOSSES}, got {self.sr_loss!r}")
 
     @classmethod
     def quick(cls) -> TrainConfig:
@@ -364,7 +376,7 @@ def pair_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
         return per_pair.mean()
     if kind == "log-mse":
         return per_pair.clamp_min(1e-12).log().mean()
-    raise ValueError(f"sr_loss must be 'mse' or 'log-mse', got {kind!r}")
+    raise ValueError(f"sr_loss must be one of {SR_LOSSES}, got {kind!r}")
 
 
 def osediff_unet_trainable(name: str) -> bool:
@@ -428,21 +440,12 @@ def train_one_step(vae, unet, context, scheduler, pool, cfg, work, log, timestep
 
     lr_pool, hr_pool, _ = build_sr_pool(pool, cfg, work, log)
     targets = add_osediff_adapters(vae, unet, cfg.lora_rank_unet, cfg.lora_rank_vae)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    for n, p in unet.named_parameters():
-        if osediff_unet_trainable(n):
-            p.requires_grad_(True)
     for n, p in vae.named_parameters():
-        if "lora" in n:
-            p.requires_grad_(True)
+        p.requires_grad_("lora" in n)
 
     abar = scheduler.alphas_cumprod.double()[timestep]
     sf = vae.config.scaling_factor
-    if cfg.sr_latent_params not in ("all", "lora"):
-        raise ValueError(f"sr_latent_params must be 'all' or 'lora', got {cfg.sr_latent_params!r}")
+    # stage 3a: every UNet parameter, or OSEDiff's set (TrainConfig.sr_latent_params)
     for n, p in unet.named_parameters():
         p.requires_grad_(cfg.sr_latent_params == "all" or osediff_unet_trainable(n))
     unet_params = lora_param_groups([unet], cfg.lora_b_lr_mult)
