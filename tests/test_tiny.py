@@ -105,4 +105,3 @@ def test_train_config_refuses_unknown_stage3_choices_at_construction():
         TrainConfig(sr_loss="l1")
     with pytest.raises(ValueError, match="sr_latent_params"):
         TrainConfig(sr_latent_params="some")
-
